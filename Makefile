@@ -1,0 +1,55 @@
+# duotok: the two commands.
+#   make repro   -> set up everything, then `dvc repro` the whole pipeline on the embedded corpus
+#   make test    -> set up everything, then the whole test suite (nbdev checks, nbdev-test, pytest)
+# Both are idempotent: set-up steps are skipped when their inputs have not changed.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+PY_STAMP := $(VENV)/.stamp-$(REQ_HASH)
+APT_STAMP := $(VENV)/.stamp-apt-$(shell sha1sum apt-packages.txt | cut -c1-12)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup repro test test-fast lab mlflow-ui bench clean-outputs
+
+setup: $(PY_STAMP) $(APT_STAMP)
+
+$(APT_STAMP):
+	@pkgs=$$(grep -v '^#' apt-packages.txt | xargs); missing=""; \
+	for p in $$pkgs; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "[setup] apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	@mkdir -p $(VENV) && touch $@
+
+$(PY_STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "[setup] pip install -r requirements.txt (first time: a few minutes)"
+	@$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v WARNING || true
+	@$(BIN)/pip install -q -r requirements.txt 2>&1 | grep -v WARNING || true
+	@$(BIN)/pip install -q --no-deps -e . 2>&1 | grep -v WARNING || true
+	@$(BIN)/python -c "import torch, torchaudio, duotok; print('[setup] torch', torch.__version__, 'torchaudio', torchaudio.__version__)"
+	@rm -f $(VENV)/.stamp-[0-9a-f]* && touch $@
+
+repro: setup
+	@source $(BIN)/activate && dvc pull -q data.dvc 2>/dev/null || true
+	source $(BIN)/activate && dvc repro
+	@source $(BIN)/activate && dvc metrics show
+
+test: setup
+	source $(BIN)/activate && python scripts/check_nbdev.py
+	source $(BIN)/activate && nbdev-test --n-workers 2 --skip-folder-re '^reports$$'
+	source $(BIN)/activate && python -m pytest -q tests
+
+lab: setup
+	source $(BIN)/activate && jupyter lab --ip 127.0.0.1 --no-browser --allow-root \
+	  --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate nbs
+
+mlflow-ui: setup
+	source $(BIN)/activate && python -m duotok.tracking ui --port 5000
+
+bench: setup
+	source $(BIN)/activate && for b in bench/bench_*.py; do python $$b; done
