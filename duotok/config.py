@@ -169,6 +169,7 @@ class RenderConfig:
     workers: int
     max_songs: int              # 0 = all
     f0_tolerance_cents: float
+    f0_check_songs: int         # recipes whose vocal F0 is verified (spread over the corpus)
     seed: int
 
 # %% ../nbs/01_config.ipynb #a69cccb8
@@ -182,6 +183,7 @@ class PreprocessConfig:
     silent: Literal["drop", "label"]
     fatal_rejections: bool
     shard_size: int
+    workers: int
     seed: int
 
 # %% ../nbs/01_config.ipynb #12d22f2b
@@ -243,6 +245,10 @@ class CodebookConfig:
     code_dim: int
     beta: float
     gradient: Literal["straight_through", "rotation"]
+    init_from_bottleneck: bool  # proj_in/proj_out of both branches start from stage 2's bottleneck
+    data_init: bool             # SimVQ map W (+ bias) fitted to the first batch's z (mean, covariance)
+    train_proj_in: bool         # false: branch proj_in stays frozen (stationary quantizer input)
+    cache_lower: bool           # compute the frozen lower half once per segment (speed; memory N x 2 x T x D)
     train: TrainConfig
     lambdas: dict[str, float]
 
@@ -275,6 +281,7 @@ class DecoderConfig:
     cond_dropout: float
     sampling_steps: int
     guidance_scale: float
+    chunk_s: float              # training crop = decoding chunk length (s)
     crossfade_s: float          # overlap of consecutive decode chunks (s)
     val_segments: int           # val segments decoded and scored (0 = all)
     train: TrainConfig
@@ -298,6 +305,10 @@ class EvaluateConfig:
     prompt_s: float             # vocal-to-accompaniment: accompaniment prefix given as prompt
     max_test_segments: int      # 0 = all
     sampling_steps: int
+    package: str                # packaged tokenizer folder (DuoTok.from_pretrained)
+    pitch_segments: int         # decoded vocal segments scored for pitch accuracy (torchcrepe; 0 = none)
+    temperature: float          # sampling of the generated accompaniment example
+    top_k: int                  # 0 = no top-k filtering
 
 # %% ../nbs/01_config.ipynb #840fbd11
 @dataclass(frozen=True)

@@ -1,0 +1,168 @@
+"""Tests of duotok.metrics: known cases and cross-checks against reference implementations."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from duotok import metrics as M
+
+
+@pytest.fixture(scope="module")
+def music():
+    g = torch.Generator().manual_seed(0)
+    sr = 24000
+    t = torch.arange(sr) / sr
+    x = 0.4 * torch.sin(2 * math.pi * 330 * t) + 0.2 * torch.sin(2 * math.pi * 1000 * t) + 0.05 * torch.randn(sr, generator=g)
+    return x.float(), sr, g
+
+
+def test_mel_scales_are_the_protocol():
+    assert [n for n, _ in M.MEL_SCALES] == [32, 64, 128, 256, 512, 1024, 2048]
+    assert [m for _, m in M.MEL_SCALES] == [5, 10, 20, 40, 80, 160, 320]
+
+
+def test_mel_l1_identity_gain_and_monotone(music):
+    x, sr, g = music
+    assert M.multiscale_mel_l1(x, x, sr).item() == 0.0
+    # a gain g shifts every power-mel log bin by 2 ln g (far from the clamp)
+    assert M.multiscale_mel_l1(x, 2.0 * x, sr).item() == pytest.approx(2 * math.log(2), abs=1e-3)
+    ds = [M.multiscale_mel_l1(x, x + s * torch.randn(sr, generator=g), sr).item() for s in (0.003, 0.03, 0.3)]
+    assert ds[0] < ds[1] < ds[2]
+
+
+def test_mel_l1_matches_torchaudio_reference(music):
+    """Cross-check: the same distance built from torchaudio.transforms.MelSpectrogram (Slaney, power 2)."""
+    torchaudio = pytest.importorskip("torchaudio")
+    x, sr, g = music
+    y = x + 0.05 * torch.randn(sr, generator=g)
+    vals = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n_fft, n_mels in M.MEL_SCALES:
+            mel = torchaudio.transforms.MelSpectrogram(sr, n_fft=n_fft, hop_length=n_fft // 4, n_mels=n_mels, power=2.0,
+                                                       norm="slaney", mel_scale="slaney")
+            vals.append((mel(x).clamp_min(1e-5).log() - mel(y).clamp_min(1e-5).log()).abs().mean())
+    ref = torch.stack(vals).mean().item()
+    assert M.multiscale_mel_l1(x, y, sr).item() == pytest.approx(ref, rel=1e-4)
+
+
+def test_mel_l1_batched_differentiable_and_shape_checked(music):
+    x, sr, g = music
+    ref = torch.stack([x, x])
+    est = (ref + 0.01 * torch.randn(ref.shape, generator=g)).requires_grad_(True)
+    per = M.multiscale_mel_l1(ref, est, sr, reduce=False)
+    assert per.shape == (2,)
+    per.sum().backward()
+    assert torch.isfinite(est.grad).all() and est.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        M.multiscale_mel_l1(x, x[:-1], sr)
+
+
+def test_mel_l1_dac_convention_is_magnitude_log10(music):
+    x, sr, _ = music
+    assert M.multiscale_mel_l1(x, 2 * x, sr, power=1.0, log_base=10).item() == pytest.approx(math.log10(2), abs=1e-3)
+
+
+def test_si_sdr_closed_form_and_scale_invariance():
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal(8000); r -= r.mean()
+    n = rng.standard_normal(8000); n -= n.mean()
+    n -= (n @ r) / (r @ r) * r
+    for snr in (0.0, 10.0, 30.0):
+        e = r + n * (np.linalg.norm(r) / np.linalg.norm(n)) * 10 ** (-snr / 20)
+        assert M.si_sdr(r, e).item() == pytest.approx(snr, abs=1e-3)
+        assert M.si_sdr(r, -7.0 * e).item() == pytest.approx(snr, abs=1e-3)
+
+
+def test_si_sdr_matches_mir_eval_sdr_for_scaled_copy_plus_noise():
+    """Cross-check with mir_eval's bss_eval SDR (512-tap distortion filter): with white noise that no filter can
+    explain, SDR and SI-SDR agree to a fraction of a dB."""
+    mir_eval = pytest.importorskip("mir_eval")
+    rng = np.random.default_rng(3)
+    r = rng.standard_normal(16000)
+    e = 0.7 * r + 0.1 * rng.standard_normal(16000)
+    sdr, _, _, _ = mir_eval.separation.bss_eval_sources(r[None], e[None], compute_permutation=False)
+    assert M.si_sdr(r, e).item() == pytest.approx(float(sdr[0]), abs=0.3)
+
+
+def test_pesq_and_stoi_known_degradations():
+    s = M.speechlike(16000)
+    rng = np.random.default_rng(1)
+    noisy = lambda snr: s + rng.standard_normal(len(s)) * s.std() * 10 ** (-snr / 20)
+    p = [M.pesq_wb(s, x, 16000) for x in (s, noisy(20), noisy(0))]
+    st = [M.stoi(s, x, 16000) for x in (s, noisy(20), noisy(0))]
+    assert p[0] > 4.4 and p[0] > p[1] > p[2] >= 1.0
+    assert st[0] > 0.999 and st[0] > st[1] > st[2]
+
+
+def test_pesq_matches_pesq_package_directly_and_resamples():
+    from pesq import pesq
+    s = M.speechlike(16000)
+    e = s + 0.02 * np.random.default_rng(2).standard_normal(len(s))
+    assert M.pesq_wb(s, e, 16000) == pytest.approx(pesq(16000, s, e, "wb"), abs=1e-6)
+    # at 48 kHz the metric resamples to 16 kHz first: same signal, close score
+    s48 = M.resample(s, 16000, 48000)
+    e48 = M.resample(e, 16000, 48000)
+    assert M.pesq_wb(s48, e48, 48000) == pytest.approx(M.pesq_wb(s, e, 16000), abs=0.15)
+
+
+def test_pesq_on_silence_is_nan_not_crash():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isnan(M.pesq_wb(np.zeros(16000), np.zeros(16000), 16000))
+
+
+def test_stoi_matches_pystoi_directly():
+    from pystoi import stoi
+    s = M.speechlike(16000)
+    e = s + 0.05 * np.random.default_rng(4).standard_normal(len(s))
+    assert M.stoi(s, e, 16000) == pytest.approx(stoi(s, e, 16000), abs=1e-9)
+
+
+def test_error_rates_known_cases():
+    assert M.edit_distance("kitten", "sitting") == 3
+    assert M.edit_distance([], ["a"]) == 1
+    assert M.error_rate(["Hello, world!"], ["hello world"]) == 0.0
+    assert M.error_rate(["a b c d"], ["a x c"], "word") == pytest.approx(0.5)
+    assert M.error_rate(["ab", "cd"], ["ab", "ce"], "char") == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        M.error_rate(["a"], ["a", "b"])
+
+
+def test_raw_pitch_accuracy_matches_mir_eval():
+    mir_eval = pytest.importorskip("mir_eval")
+    rng = np.random.default_rng(5)
+    ref = np.where(rng.random(200) < 0.8, 220 * 2 ** (rng.integers(-12, 12, 200) / 12), 0.0)
+    est = np.where(rng.random(200) < 0.9, ref * 2 ** (rng.normal(0, 60, 200) / 1200), 0.0)
+    times = np.arange(200) * 0.01
+    rv, rc, ev, ec = mir_eval.melody.to_cent_voicing(times, ref, times, est)
+    assert M.raw_pitch_accuracy(ref, est) == pytest.approx(mir_eval.melody.raw_pitch_accuracy(rv, rc, ev, ec), abs=1e-9)
+    assert M.raw_pitch_accuracy(ref, ref) == 1.0
+
+
+def test_pitch_tracker_on_a_sung_tone():
+    sr = 16000
+    t = np.arange(sr) / sr
+    x = 0.5 * np.sin(2 * np.pi * 261.63 * t) + 0.2 * np.sin(2 * np.pi * 523.25 * t)
+    f0 = M.pitch_track(x, sr, method="pyin")
+    assert M.raw_pitch_accuracy(np.full_like(f0, 261.63), f0) > 0.9
+    # a copy a semitone up is (almost) never within 50 cents
+    f0_up = M.pitch_track(M.resample(x, sr, int(sr / 2 ** (1 / 12))), sr, method="pyin")
+    assert M.raw_pitch_accuracy(f0, f0_up) < 0.1
+
+
+def test_code_usage():
+    u = M.code_usage(np.arange(16) % 4, V=16)
+    assert (u.used, u.usage) == (4, 0.25) and u.entropy_bits == pytest.approx(2.0) and u.perplexity == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="ids must lie"):
+        M.code_usage([0, 16], V=16)
+
+
+def test_reconstruction_metrics_and_summary():
+    s = M.speechlike(16000)
+    m = M.reconstruction_metrics(s, s, 16000)
+    assert m["mel_l1"] == 0.0 and m["si_sdr"] > 60 and m["stoi"] > 0.999 and m["pesq"] > 4.4
+    assert M.summarize([{"a": 1.0, "b": float("nan")}, {"a": 2.0, "b": float("nan")}])["a"] == 1.5
+    assert math.isnan(M.summarize([{"b": float("nan")}])["b"])

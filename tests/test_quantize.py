@@ -1,0 +1,196 @@
+"""Dual SimVQ codebook: SimVQ formula, hard routing (no gradient / code crosses), usage stats."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from duotok.quantize import CodeUsage, DualCodebook, SimVQBranch, codebook_usage, nearest_code
+
+
+def _zero_or_none(g):
+    return g is None or bool(g.abs().sum() == 0)
+
+
+def test_simvq_formula_matches_reference():
+    """Codes = argmin ||z - W E_k||, losses = beta*||z - sg(zq)||^2 and ||sg(z) - zq||^2."""
+    br = SimVQBranch(dim=12, code_dim=6, codebook_size=40, beta=0.25, seed=3)
+    h = torch.randn(2, 9, 12)
+    out = br(h)
+    z = br.proj_in(h)
+    lin = br.vq.code_transform
+    C = br.vq.frozen_codebook @ lin.weight.T + lin.bias                 # W E + b, (K, d)
+    d2 = ((z[..., None, :] - C) ** 2).sum(-1)                        # (B, T, K)
+    ids = d2.argmin(-1)
+    assert torch.equal(out.ids, ids)
+    zq = C[ids]
+    assert torch.allclose(out.commit, 0.25 * ((z - zq) ** 2).mean())
+    assert torch.allclose(out.codebook, ((z - zq) ** 2).mean())
+    assert torch.allclose(out.h_q, br.proj_out(zq), atol=1e-6)         # forward value = proj_out(code)
+    # frozen codebook is a buffer, W is learnable
+    assert "vq.frozen_codebook" in dict(br.named_buffers())
+    assert all("frozen" not in n for n, _ in br.named_parameters())
+
+
+def test_codebook_loss_trains_W_and_commit_trains_encoder():
+    br = SimVQBranch(8, 4, 16, seed=0)
+    out = br(torch.randn(2, 5, 8))
+    out.codebook.backward(retain_graph=True)
+    assert br.vq.code_transform.weight.grad.abs().sum() > 0
+    assert _zero_or_none(br.proj_in[1].weight.grad)
+    br.zero_grad()
+    out.commit.backward()
+    assert br.proj_in[1].weight.grad.abs().sum() > 0
+    assert _zero_or_none(br.vq.code_transform.weight.grad)
+
+
+@pytest.mark.parametrize("rot", [False, True])
+def test_gradient_estimators(rot):
+    br = SimVQBranch(8, 4, 16, rotation_trick=rot, seed=0)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    out = br(h)
+    out.h_q.pow(2).sum().backward()
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+    if not rot:   # straight-through: dL/dz == dL/dzq exactly
+        z = br.proj_in(h.detach()).detach().requires_grad_(True)
+        zq, _, _ = br.vq(z)
+        zq.sum().backward()
+        assert torch.allclose(z.grad, torch.ones_like(z))
+
+
+def test_chunked_search_matches_library():
+    br = SimVQBranch(16, 8, 300, seed=5)
+    h = torch.randn(3, 50, 16)
+    assert torch.equal(br.encode(h, chunk=17), br(h).ids)
+    assert torch.equal(nearest_code(br.proj_in(h), br.codebook, chunk=1), br(h).ids)
+
+
+def test_deterministic_init_no_global_rng():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = DualCodebook(16, 8, 64, seed=7)
+    b = DualCodebook(16, 8, 64, seed=7)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+    c = DualCodebook(16, 8, 64, seed=8)
+    assert not torch.equal(a.branches["vocals"].codebook, c.branches["vocals"].codebook)
+    # the two tracks have different codebooks
+    assert not torch.equal(a.branches["vocals"].codebook, a.branches["acc"].codebook)
+    del state
+
+
+def test_hard_routing_no_gradient_crosses():
+    dq = DualCodebook(16, 8, (32, 24), seed=0)
+    h = torch.randn(6, 10, 16, requires_grad=True)
+    lab = torch.tensor([0, 1, 1, 0, 1, 0])
+    out = dq(h, lab)
+    # gradient of vocal outputs touches only the vocal branch and vocal inputs
+    out.h_q[lab == 0].pow(2).sum().backward()
+    for n, p in dq.branches["acc"].named_parameters():
+        assert _zero_or_none(p.grad), n
+    assert dq.branches["vocals"].proj_in[1].weight.grad.abs().sum() > 0
+    assert h.grad[lab == 1].abs().sum() == 0 and h.grad[lab == 0].abs().sum() > 0
+    # and the other way round
+    dq.zero_grad(); h.grad = None
+    out = dq(h, lab)
+    (out.h_q[lab == 1].pow(2).sum() + 0 * out.losses["vq/commit"]).backward()
+    for n, p in dq.branches["vocals"].named_parameters():
+        assert _zero_or_none(p.grad), n
+    assert h.grad[lab == 0].abs().sum() == 0
+
+
+def test_per_track_losses_do_not_cross():
+    dq = DualCodebook(16, 8, 32, seed=0)
+    h = torch.randn(4, 10, 16)
+    lab = torch.tensor([0, 0, 0, 0])
+    out = dq(h, lab)
+    (out.losses["vq/commit"] + out.losses["vq/codebook"]).backward()
+    for n, p in dq.branches["acc"].named_parameters():
+        assert _zero_or_none(p.grad), n
+
+
+def test_hard_routing_no_code_crosses():
+    dq = DualCodebook(16, 8, (32, 8), seed=0)
+    h = torch.randn(6, 20, 16)
+    lab = torch.tensor([0, 1, 1, 0, 1, 0])
+    ids = dq(h, lab).ids
+    assert ids[lab == 1].max() < 8                       # acc ids live in the acc codebook
+    # each item's ids equal its own branch run alone
+    assert torch.equal(ids[lab == 0], dq.branches["vocals"](h[lab == 0]).ids)
+    assert torch.equal(ids[lab == 1], dq.branches["acc"](h[lab == 1]).ids)
+    # scrambling the acc branch leaves vocal items' codes and outputs unchanged
+    before = dq(h, lab)
+    with torch.no_grad():
+        for p in dq.branches["acc"].parameters():
+            p.add_(torch.randn_like(p))
+    after = dq(h, lab)
+    assert torch.equal(before.ids[lab == 0], after.ids[lab == 0])
+    assert torch.equal(before.h_q[lab == 0], after.h_q[lab == 0])
+    assert not torch.equal(before.h_q[lab == 1], after.h_q[lab == 1])
+    # order of items in the batch does not matter
+    perm = torch.randperm(6)
+    assert torch.equal(dq(h[perm], lab[perm]).ids, after.ids[perm])
+
+
+def test_bad_labels_and_shapes():
+    dq = DualCodebook(16, 8, 32)
+    with pytest.raises(ValueError, match="labels must be 0"):
+        dq(torch.randn(2, 3, 16), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="2 labels for a batch of 3"):
+        dq(torch.randn(3, 3, 16), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\(B, T, 16\)"):
+        dq(torch.randn(2, 3, 15), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="ids must be in"):
+        dq.branches["acc"].decode_ids(torch.tensor([[32]]))
+
+
+def test_usage_stats():
+    u = CodeUsage(10)
+    u.update(torch.tensor([0, 1, 2, 3, 4]))
+    u.update(torch.tensor([[0, 1], [2, 3]]))
+    s = u.stats()
+    assert s["used_frac"] == 0.5 and s["dead"] == 5 and s["n_tokens"] == 9
+    uni = codebook_usage(torch.arange(64).repeat(3), 64)
+    assert abs(uni["perplexity"] - 64) < 1e-6 and uni["used_frac"] == 1.0
+    assert codebook_usage(torch.tensor([], dtype=torch.long), 4)["used_frac"] == 0.0
+    with pytest.raises(ValueError):
+        CodeUsage(4).update(torch.tensor([4]))
+
+
+def test_simvq_learns_without_nan():
+    """Training through the quantizer on clustered data: reconstruction improves, no NaN, codes used."""
+    g = torch.Generator().manual_seed(0)
+    dq = DualCodebook(8, 4, 16, seed=0)
+    centres = torch.randn(16, 8, generator=g)
+    opt = torch.optim.Adam(dq.parameters(), lr=3e-3)
+    recs = []
+    for step in range(240):
+        x = centres[torch.randint(0, 16, (8, 16), generator=g)] + 0.05 * torch.randn(8, 16, 8, generator=g)
+        out = dq(x, torch.tensor([0, 1] * 4))
+        rec = F.mse_loss(out.h_q, x)
+        loss = out.losses["vq/commit"] + out.losses["vq/codebook"] + rec
+        assert torch.isfinite(loss), step
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(dq.parameters(), 1.0)
+        opt.step()
+        recs.append(rec.item())
+    assert sum(recs[-20:]) / 20 < 0.75 * sum(recs[:20]) / 20
+    ids = dq.encode(centres[None].repeat(2, 1, 1), torch.tensor([0, 1]))
+    assert codebook_usage(ids[0], 16)["used_frac"] >= 0.5
+
+
+def test_data_init_matches_feature_statistics_and_raises_usage():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 16, generator=g)
+    h = (torch.randn(4, 500, 16, generator=g) @ A) + 5.0
+    lab = torch.tensor([0, 0, 1, 1])
+    dq = DualCodebook(16, 8, 256, seed=0)
+    before = codebook_usage(dq.encode(h, lab)[:2], 256)["used_frac"]
+    dq.init_from_data(h, lab)
+    br = dq.branches["vocals"]
+    z = br.proj_in(h[:2]).reshape(-1, 8).detach()
+    C = br.codebook.detach()
+    assert torch.allclose(C.mean(0), z.mean(0), atol=0.3 * float(z.std(0).mean()))
+    assert torch.allclose(C.std(0), z.std(0), rtol=0.25)
+    after = codebook_usage(dq.encode(h, lab)[:2], 256)["used_frac"]
+    assert after > 0.8 and after > before
+    # the acc branch was fitted to the acc items only
+    assert not torch.equal(dq.branches["acc"].codebook, br.codebook)

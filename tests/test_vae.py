@@ -1,0 +1,136 @@
+"""VAE (nbs/50_vae, nbs/51_stage_vae): shapes at 48 kHz / 50 Hz, losses, pretrained adapter, checkpoints."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from duotok.checkpoint import save_checkpoint
+from duotok.vae import (DuoVAE, PretrainedOobleck, VAEWithDisc, WaveDiscriminator, load_vae,
+                        multi_resolution_stft_loss, synthetic_stems, vae_loss)
+
+CFG = {"pretrained": "", "latent_dim": 8, "encoder_hidden_size": 16, "decoder_channels": 16,
+       "downsampling_ratios": [4, 4, 6, 10], "channel_multiples": [1, 2, 4, 8], "sample_rate": 48000}
+
+
+def _wav(n=2, L=9600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 0.3 * torch.randn(n, L, generator=g)
+
+
+@pytest.mark.parametrize("L", [960, 9600, 10000])
+def test_shapes_50hz(L):
+    vae = DuoVAE().eval()
+    with torch.no_grad():
+        z = vae.encode(_wav(2, L))
+        y = vae.decode(z)
+    assert vae.hop == 960 and vae.latent_rate == 50
+    assert z.shape == (2, 8, math.ceil(L / 960))
+    assert y.shape == (2, z.shape[-1] * 960)
+    assert vae(_wav(2, L)).recon.shape == (2, L)
+
+
+def test_odd_stride_lengths_are_exact():
+    vae = DuoVAE(downsampling_ratios=(2, 4, 4, 6, 5), channel_multiples=(1, 1, 1, 1, 1))
+    with torch.no_grad():
+        assert vae.decode(torch.zeros(1, 8, 7)).shape == (1, 7 * 960)
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="encoder_hidden_size"):
+        DuoVAE(latent_dim=8, encoder_hidden_size=32)
+    with pytest.raises(ValueError, match="same length"):
+        DuoVAE(downsampling_ratios=(4, 4, 6, 10), channel_multiples=(1, 2))
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        DuoVAE().encode(torch.zeros(1, 1, 960))
+    with pytest.raises(ValueError, match="latents"):
+        DuoVAE().decode(torch.zeros(1, 4, 3))
+
+
+def test_losses():
+    x = _wav(2, 4800)
+    assert multi_resolution_stft_loss(x, x) < 1e-5
+    assert multi_resolution_stft_loss(0.5 * x, x) > 0.1
+    out = vae_loss(DuoVAE(), x, generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"stft/mr", "wave/l1", "kl"}
+    assert all(torch.isfinite(v) and v >= 0 for v in out.values())
+
+
+def test_adversarial_terms_reach_only_their_parameters():
+    m = VAEWithDisc(DuoVAE(), WaveDiscriminator(channels=8))
+    out = vae_loss(m, _wav(2, 4800), adversarial=True)
+    assert {"adv/gen", "adv/feat", "adv/disc"} <= set(out)
+    (out["adv/gen"] + out["adv/feat"]).backward(retain_graph=True)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.disc.parameters())
+    m.zero_grad()
+    out["adv/disc"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.vae.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.disc.parameters())
+    with pytest.raises(ValueError, match="VAEWithDisc"):
+        vae_loss(DuoVAE(), _wav(1, 960), adversarial=True)
+
+
+def test_training_reduces_loss():
+    torch.manual_seed(0)
+    vae = DuoVAE()
+    x = synthetic_stems(1, 0.2)[0]["wav48_acc"][None]
+    opt = torch.optim.Adam(vae.parameters(), 2e-3)
+    losses = []
+    for _ in range(25):
+        loss = vae_loss(vae, x, generator=torch.Generator().manual_seed(1))["stft/mr"]
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+
+
+def test_checkpoint_roundtrip_is_frozen_and_identical(tmp_path):
+    vae = DuoVAE().eval()
+    save_checkpoint(tmp_path, vae, {"vae": CFG}, name="vae")
+    back = load_vae(tmp_path)
+    x = _wav(1, 4800)
+    with torch.no_grad():
+        assert torch.allclose(vae.encode(x), back.encode(x))
+    assert not back.training and not any(p.requires_grad for p in back.parameters())
+
+
+def test_pretrained_44k_stereo_adapter(tmp_path):
+    from diffusers import AutoencoderOobleck
+    AutoencoderOobleck(encoder_hidden_size=8, downsampling_ratios=[2, 4, 4, 8, 8], channel_multiples=[1, 1, 1, 1, 1],
+                       decoder_channels=8, decoder_input_channels=4, audio_channels=2,
+                       sampling_rate=44100).save_pretrained(tmp_path / "sao_vae")
+    pre = PretrainedOobleck(tmp_path / "sao_vae")
+    x = _wav(2, 48000)
+    with torch.no_grad():
+        z = pre.encode(x)
+        y = pre.decode(z)
+    assert (pre.native_rate, pre.native_hop, pre.channels, pre.latent_dim) == (44100, 2048, 2, 4)
+    assert z.shape == (2, 4, 50) and y.shape == (2, 48000) and torch.isfinite(y).all()
+    # through a (packaged-style) checkpoint with a relative path
+    save_checkpoint(tmp_path, {}, {"vae": {**CFG, "pretrained": "sao_vae"}}, name="vae")
+    assert isinstance(load_vae(tmp_path), PretrainedOobleck)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        PretrainedOobleck(tmp_path / "nowhere")
+
+
+def test_vae_stage_toy(tmp_path):
+    from duotok.config import load_params
+    from duotok.stages.vae import StemCrops, run
+    from duotok.tracking import NullTracker
+    items = synthetic_stems(3, 1.0)
+    items[0]["silent_vocals"] = True
+    assert len(StemCrops(items, 4800)) == 5
+    p = load_params("params.yaml", ["vae.train.steps=2", "vae.train.log_every=1", "vae.val_segments=1"])
+    m = run(p, NullTracker(), out_dir=tmp_path, datasets=(items, synthetic_stems(2, 1.0, seed=1)))
+    assert m["val/vocals/n"] == 1 and m["val/acc/n"] == 1
+    assert np.isfinite(m["val/vocals/mel_l1"]) and np.isfinite(m["val/acc/si_sdr"])
+    assert (tmp_path / "vae.safetensors").exists() and load_vae(tmp_path).latent_dim == p.vae.latent_dim
+
+
+def test_paper_profile_vae_is_64d_50hz():
+    from duotok.config import load_params
+    p = load_params("params.yaml", profile="params/paper.yaml")
+    v = p.vae
+    assert v.latent_dim == 64 and math.prod(v.downsampling_ratios) == p.audio.vae_hop == 960
+    with torch.device("meta"):
+        vae = DuoVAE(v.latent_dim, v.encoder_hidden_size, v.decoder_channels, v.downsampling_ratios, v.channel_multiples)
+    assert vae.latent_rate == 50 and sum(p.numel() for p in vae.parameters()) > 50e6
