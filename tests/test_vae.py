@@ -52,7 +52,8 @@ def test_losses():
     assert multi_resolution_stft_loss(x, x) < 1e-5
     assert multi_resolution_stft_loss(0.5 * x, x) > 0.1
     out = vae_loss(DuoVAE(), x, generator=torch.Generator().manual_seed(0))
-    assert set(out) == {"stft/mr", "wave/l1", "kl"}
+    assert set(out) == {"stft/mr", "wave/l1", "kl", "mel/l1"}
+    assert set(vae_loss(DuoVAE(), x, mel=False, stft=False)) == {"wave/l1", "kl"}
     assert all(torch.isfinite(v) and v >= 0 for v in out.values())
 
 

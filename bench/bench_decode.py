@@ -1,0 +1,75 @@
+"""Decode throughput of the token decoder: seconds of 48 kHz stereo-stem audio (vocals + accompaniment)
+produced per wall-clock second, vs the number of sampling steps.
+
+    python bench/bench_decode.py                          # packaged decoder if present, else default-size untrained
+    python bench/bench_decode.py --dir outputs/decoder/package/decoder --seconds 20 --steps 1 5 10 20 50
+
+Untrained weights decode at the same speed as trained ones (same shapes), so the default-size run is a
+faithful speed measurement before the pipeline has run. Uses torch's current thread count
+(set OMP_NUM_THREADS to pin it)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+
+def default_decoder(params_path: str = "params.yaml", profile: str | None = None):
+    from duotok.config import load_params
+    from duotok.diffusion import LatentDecoder, TokenDecoder, make_scheduler
+    from duotok.vae import DuoVAE
+    p = load_params(params_path, profile=profile)
+    v, d, a = p.vae, p.decoder, p.audio
+    vae = DuoVAE(v.latent_dim, v.encoder_hidden_size, v.decoder_channels, v.downsampling_ratios, v.channel_multiples,
+                 a.sample_rate).eval()
+    model = LatentDecoder(v.latent_dim, (a.codebook_size, a.codebook_size), d.width, d.layers, d.heads, d.shared,
+                          a.latent_rate // a.token_rate).eval()
+    return TokenDecoder(model, vae, dict(make_scheduler().config), d.sampling_steps, d.guidance_scale,
+                        int(round(d.chunk_s * a.token_rate)), int(round(d.crossfade_s * a.token_rate)),
+                        a.token_rate, a.sample_rate), "untrained, params.yaml" + (f" + {profile}" if profile else "")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="outputs/decoder/package/decoder", help="packaged decoder folder")
+    ap.add_argument("--profile", default=None, help="params profile for the untrained fallback")
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio length to decode (s)")
+    ap.add_argument("--batch", type=int, default=1, help="songs decoded at once")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 20, 50])
+    ap.add_argument("--guidance", type=float, default=None, help="override the guidance scale (1 = no CFG)")
+    a = ap.parse_args(argv)
+    from duotok.diffusion import TokenDecoder
+    if Path(a.dir, "denoiser.json").exists():
+        td, what = TokenDecoder.from_dir(a.dir), f"trained ({a.dir})"
+    else:
+        td, what = default_decoder(profile=a.profile)
+    if a.guidance is not None:
+        td.guidance_scale = a.guidance
+    K = td.model.nets[0].codebook_sizes
+    T = int(round(a.seconds * td.token_rate))
+    g = torch.Generator().manual_seed(0)
+    iv, ia = torch.randint(0, K[0], (a.batch, T), generator=g), torch.randint(0, K[1], (a.batch, T), generator=g)
+    n_par = sum(p.numel() for p in td.model.parameters())
+    print(f"decoder: {what}; {n_par / 1e6:.2f} M denoiser params; guidance {td.guidance_scale}; "
+          f"chunk {td.chunk_tokens} tokens, overlap {td.overlap_tokens}; threads {torch.get_num_threads()}")
+    print(f"decoding {a.batch} x {a.seconds:.1f} s (both stems)")
+    audio = a.batch * a.seconds
+    with torch.no_grad():
+        td.steps = 1
+        td.decode(iv[:, : min(T, td.chunk_tokens)], ia[:, : min(T, td.chunk_tokens)])  # warm-up
+        z = torch.zeros(2 * a.batch, td.model.latent_dim, 2 * T)
+        t = time.perf_counter(); td.vae.decode(z); vae_s = time.perf_counter() - t
+        print(f"VAE decoding alone (whole latent, both stems): {vae_s:.2f} s = {audio / vae_s:.2f} audio s/s")
+        print(f"{'steps':>6} {'wall_s':>8} {'audio_s_per_s':>14}")
+        for steps in a.steps:
+            td.steps = steps
+            t = time.perf_counter()
+            td.decode(iv, ia)
+            wall = time.perf_counter() - t
+            print(f"{steps:>6} {wall:>8.2f} {audio / wall:>14.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Encode throughput and peak memory of `DuoTok.encode` on a long song.
+
+    python bench/bench_encode.py                       # random-weight encoder at the params.yaml size, 10 min
+    python bench/bench_encode.py --model outputs/decoder/package --minutes 10 --chunk-s 4 --context-s 1
+
+Tokens depend only on the frozen lower encoder + the two codebooks, so a random-weight encoder of the same size
+costs the same as a trained one. Prints seconds of audio encoded per second of wall time, and the peak resident
+memory during `encode` above the memory held before it (the two 48 kHz stereo inputs are allocated before).
+Set OMP_NUM_THREADS to the number of cores you want to use."""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+
+def default_encoder(params_path: str = "params.yaml"):
+    from duotok.config import load_params
+    from duotok.models.encoder import EncoderConfig
+    from duotok.tokenizer import TokenEncoder, build_encoder, build_quantizer
+    p = load_params(params_path)
+    ecfg = EncoderConfig.from_params(p.ssl.encoder, p.audio).to_dict()
+    qcfg = {"dim": ecfg["width"], "code_dim": p.codebook.code_dim, "codebook_sizes": [p.audio.codebook_size] * 2,
+            "beta": p.codebook.beta, "rotation_trick": False}
+    a = p.audio
+    audio = {"sample_rate": a.sample_rate, "encoder_sample_rate": a.encoder_sample_rate, "n_fft": a.n_fft,
+             "hop_length": a.hop_length, "n_mels": a.n_mels, "token_rate": a.token_rate}
+    return TokenEncoder(build_encoder(ecfg), build_quantizer(qcfg), audio, "random-bench",
+                        {"encoder": ecfg, "quantizer": qcfg, "audio": audio})
+
+
+class PeakRSS:
+    "Samples this process's resident memory every `dt` s in a thread; `.peak` in bytes."
+    def __init__(self, dt: float = 0.005):
+        self.proc, self.dt, self.peak, self._stop = psutil.Process(), dt, 0, threading.Event()
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self.t = threading.Thread(target=self._run, daemon=True); self.t.start(); return self
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss); time.sleep(self.dt)
+    def __exit__(self, *exc):
+        self._stop.set(); self.t.join(); self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="packaged tokenizer folder (default: random encoder, params.yaml size)")
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--sr", type=int, default=48000)
+    ap.add_argument("--chunk-s", type=float, default=4.0); ap.add_argument("--context-s", type=float, default=1.0)
+    ap.add_argument("--batch-windows", type=int, default=16)
+    args = ap.parse_args(argv)
+    from duotok.tokenizer import DuoTok
+    torch.set_grad_enabled(False)
+    if args.model:
+        tok = DuoTok.from_pretrained(args.model, chunk_s=args.chunk_s, context_s=args.context_s,
+                                     batch_windows=args.batch_windows)
+    else:
+        tok = DuoTok(default_encoder(), chunk_s=args.chunk_s, context_s=args.context_s, batch_windows=args.batch_windows)
+    print(tok.describe())
+    # warm-up on 5 s (first-call allocations, mel filterbank cache)
+    g = np.random.default_rng(0)
+    tok.encode(0.1 * g.standard_normal((2, args.sr * 5)).astype("float32"),
+               0.1 * g.standard_normal((2, args.sr * 5)).astype("float32"), args.sr)
+    L = int(args.minutes * 60 * args.sr)
+    t = np.arange(L, dtype=np.float32) / args.sr
+    voc = np.stack([0.3 * np.sin(2 * np.pi * 220 * t * (1 + 0.01 * np.sin(t))), 0.3 * np.sin(2 * np.pi * 330 * t)]).astype("float32")
+    acc = (0.05 * g.standard_normal((2, L))).astype("float32")
+    del t
+    rss0 = psutil.Process().memory_info().rss
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        tokens = tok.encode(voc, acc, args.sr)
+        dt = time.perf_counter() - t0
+    audio_s = L / args.sr
+    res = {"audio_s": audio_s, "wall_s": dt, "audio_s_per_s": audio_s / dt, "tokens_per_track": tokens.n_tokens,
+           "input_bytes": voc.nbytes + acc.nbytes, "rss_before_mb": rss0 / 2**20,
+           "peak_rss_mb": mem.peak / 2**20, "peak_above_inputs_mb": (mem.peak - rss0) / 2**20,
+           "threads": torch.get_num_threads(), "chunk_s": args.chunk_s, "context_s": args.context_s}
+    print(f"encoded {audio_s / 60:.1f} min of 48 kHz stereo stems (x2) in {dt:.1f} s: "
+          f"{res['audio_s_per_s']:.1f} s of audio per second ({res['threads']} thread(s), window {args.chunk_s} s "
+          f"+ {args.context_s} s context)")
+    print(f"memory: inputs {res['input_bytes'] / 2**20:.0f} MB; process RSS before encode {res['rss_before_mb']:.0f} MB, "
+          f"peak {res['peak_rss_mb']:.0f} MB, i.e. {res['peak_above_inputs_mb']:.0f} MB above the inputs")
+    print(f"{tokens!r}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
