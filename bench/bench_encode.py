@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=None, help="packaged tokenizer folder (default: random encoder, params.yaml size)")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--sr", type=int, default=48000)
-    ap.add_argument("--chunk-s", type=float, default=4.0); ap.add_argument("--context-s", type=float, default=1.0)
+    ap.add_argument("--chunk-s", type=float, default=4.0); ap.add_argument("--context-s", type=float, default=0.0)
     ap.add_argument("--batch-windows", type=int, default=16)
     args = ap.parse_args(argv)
     from duotok.tokenizer import DuoTok

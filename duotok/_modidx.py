@@ -398,6 +398,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'duotok.render.RenderSettings': ('render.html#rendersettings', 'duotok/render.py'),
                                'duotok.render._espeak_analysis': ('render.html#_espeak_analysis', 'duotok/render.py'),
                                'duotok.render._lufs_free_rms': ('render.html#_lufs_free_rms', 'duotok/render.py'),
+                               'duotok.render._materialise': ('render.html#_materialise', 'duotok/render.py'),
                                'duotok.render._work': ('render.html#_work', 'duotok/render.py'),
                                'duotok.render.f0_check': ('render.html#f0_check', 'duotok/render.py'),
                                'duotok.render.f0_track': ('render.html#f0_track', 'duotok/render.py'),

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 
 from duotok.corpus import (STEMS, UNK_ID, VOCAB, SongError, char_ids, discover_songs, generate_corpus, ids_to_text,
-                           load_stems, normalize_lyrics, read_song, validate_corpus)
+                           load_stems, main, normalize_lyrics, read_song, validate_corpus)
 
 
 def make_song(d: Path, sr=44100, secs=2.0, channels=2, lengths=None, meta=None, subtype="FLOAT", seed=0):
@@ -125,3 +125,13 @@ def test_generator_is_deterministic_and_extends(tmp_path):
         assert set(s.parts) == set(STEMS)
     ch = next(s for s in rep.songs if s.meta["recipe"]["kind"] == "chorale")
     assert ch.language == "de" and "Bach" in ch.meta["source"]
+
+
+def test_cli_validate_exit_code(tmp_path, capsys):
+    make_song(tmp_path / "ok")
+    assert main(["validate", str(tmp_path)]) == 0
+    make_song(tmp_path / "bad", lengths={"bass": 0.5})
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "bad" in out and "length mismatch" in out and "1 rejected" in out

@@ -9,7 +9,7 @@ from duotok.config import load_params
 from duotok.stages import evaluate as E
 from duotok.tracking import NullTracker
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")

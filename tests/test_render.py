@@ -58,8 +58,9 @@ def test_musdb_folder_passes_through_and_caches(tmp_path):
             assert i.samplerate == SR and i.channels == 1 and abs(i.frames - 3 * SR) <= 1
     idx = json.loads((out / "index.json").read_text())
     assert {s["id"]: s["split"] for s in idx["songs"]} == {"test__B": "test", "train__A": "train"}
+    import shutil; shutil.rmtree(out)                                           # as DVC does before a run
     m2 = render_corpus(root, out, workers=1, log=lambda *_: None)               # nothing changed
-    assert m2["rendered"] == 0 and m2["cached"] == 2
+    assert m2["rendered"] == 0 and m2["cached"] == 2 and (out / "songs" / "train__A" / "mix.flac").exists()
     make_stems(root / "train" / "A", sr=44100, seed=5)                          # changed stems -> re-render
     assert render_corpus(root, out, workers=1, log=lambda *_: None)["rendered"] == 1
 

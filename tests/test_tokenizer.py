@@ -226,3 +226,17 @@ def test_stream_log_mel_equals_whole_signal(sr, dur):
     ref = log_mel(resample(x.mean(0), sr, 24000), 24000)
     got = stream_log_mel(x.numpy(), sr, aud, block_s=0.37)
     assert got.shape == ref.shape and (got - ref).abs().max() < 1e-3
+
+
+def test_default_windows_reproduce_training_segments(duotok):
+    """With the default (4 s windows, no context) a song's tokens equal the tokens of its 4 s segments cut and
+    featurised like the preprocess stage does (up to the 2 edge frames of each segment)."""
+    from duotok.audio import log_mel
+    d = DuoTok(duotok.encoder)                                   # package defaults: chunk 4 s, context 0
+    assert d.chunk_s == 4.0 and d.context_s == 0.0
+    g = torch.Generator().manual_seed(3)
+    v, a = 0.1 * torch.randn(24000 * 12, generator=g), 0.1 * torch.randn(24000 * 12, generator=g)
+    tok = d.encode(v, a, 24000)
+    cut = lambda x, k: log_mel(x[k * 96000:(k + 1) * 96000], 24000)[:, :400]
+    iv, ia = d.encoder.encode_mels(torch.stack([cut(v, k) for k in range(3)]), torch.stack([cut(a, k) for k in range(3)]))
+    assert (iv.reshape(-1).numpy() == tok.vocals).mean() > 0.9 and (ia.reshape(-1).numpy() == tok.accompaniment).mean() > 0.9
