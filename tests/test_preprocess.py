@@ -114,3 +114,12 @@ def test_drop_silent_and_fatal(corpus, tmp_path):
 
 def test_bad_segment_length():
     with pytest.raises(PreprocessError, match="not an integer"): SegmentSpec(segment_s=2.005).check()
+
+
+def test_nothing_usable_is_a_clear_error(tmp_path):
+    songs = tmp_path / "songs"; make_stems(songs / "only", secs=0.5)
+    render_corpus(songs, tmp_path / "render", workers=1, log=Q)
+    with pytest.raises(PreprocessError, match="no usable song"):
+        preprocess_corpus(tmp_path / "render", tmp_path / "pre", SPEC, workers=1, log=Q)
+    with pytest.raises(PreprocessError, match="run the render stage"):
+        preprocess_corpus(tmp_path / "nowhere", tmp_path / "pre", SPEC, workers=1, log=Q)
