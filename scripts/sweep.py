@@ -90,11 +90,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for executed notebooks (default sweeps/<name>)")
     ap.add_argument("--stage-metrics", default=None, help="metrics.json to read after each point "
                     "(default outputs/<stage>/metrics.json when a `stage` parameter is set)")
+    ap.add_argument("--root", default=None, help="project folder the stages run in (default: this repository); a copy "
+                    "of the repository with its own outputs/ keeps the main workspace untouched")
     ap.add_argument("--dry-run", action="store_true", help="print the grid and the DVC commands, run nothing")
     args = ap.parse_args(argv)
 
     grid = parse_grid(args.grid)
     fixed = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)}
+    work = Path(args.root).resolve() if args.root else ROOT
+    if args.root:
+        fixed.setdefault("root", str(work))
     points = grid_points(grid) if grid else [{}]
     out = Path(args.out or ROOT / "sweeps" / args.name)
     print(f"sweep {args.name}: {len(points)} point(s) of {args.notebook}")
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     stage = fixed.get("stage")
-    metrics_path = Path(args.stage_metrics) if args.stage_metrics else (ROOT / "outputs" / stage / "metrics.json" if stage else None)
+    metrics_path = Path(args.stage_metrics) if args.stage_metrics else (work / "outputs" / stage / "metrics.json" if stage else None)
     summary = []
     with start_run(f"sweep:{args.name}", {"notebook": args.notebook, "grid": json.dumps(grid), "fixed": json.dumps(fixed)},
                    tags={"sweep": args.name}, root=ROOT) as parent:
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
             with start_run(f"sweep:{args.name}/{i}", {"point": json.dumps(p), **{f"grid.{k}": v for k, v in p.items()}},
                            nested=True, tags={"sweep": args.name, "mlflow.parentRunId": parent.run_id}, root=ROOT) as child:
                 try:
-                    pm.execute_notebook(str(ROOT / args.notebook), str(nb_out), parameters=params, cwd=str(ROOT),
+                    pm.execute_notebook(str(ROOT / args.notebook), str(nb_out), parameters=params, cwd=str(work),
                                         kernel_name="python3", language="python", progress_bar=False)
                 except Exception as err:  # keep the sweep going; the failed notebook is still logged
                     status = f"failed: {type(err).__name__}"

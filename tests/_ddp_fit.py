@@ -24,6 +24,7 @@ model = nn.Linear(4, 1)
 before = evaluate_loss(model, loss, DataLoader(TensorDataset(x, y), batch_size=128))["reg/mse"]
 r = fit(model, loss, loader, cfg, out / "toy", NullTracker(), {"reg/mse": 1.0}, progress=False)
 after = evaluate_loss(r.model, loss, DataLoader(TensorDataset(x, y), batch_size=128))["reg/mse"]
+assert dist.is_initialized(), "torchrun must give a real process group"
 rank, world = dist.get_rank(), dist.get_world_size()
 w = r.model.weight.detach().flatten().tolist()
-(out / f"rank{rank}.json").write_text(json.dumps({"world": world, "before": before, "after": after, "w": w, "step": r.step}))
+(out / f"rank{rank}.json").write_text(json.dumps({"world": world, "before": before, "after": after, "w": w, "step": r.step, "num_processes": r.num_processes}))

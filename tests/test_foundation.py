@@ -131,7 +131,7 @@ def test_fit_under_torchrun_two_processes(tmp_path):
                         str(ROOT / "tests/_ddp_fit.py"), str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
-    assert all(d["world"] == 2 and d["step"] == 30 for d in ranks)
+    assert all(d["world"] == 2 and d["num_processes"] == 2 and d["step"] == 30 for d in ranks)
     assert ranks[0]["w"] == pytest.approx(ranks[1]["w"]), "DDP keeps the replicas identical"
     assert ranks[0]["after"] < ranks[0]["before"] / 5
 

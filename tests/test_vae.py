@@ -30,6 +30,11 @@ def test_shapes_50hz(L):
     assert vae(_wav(2, L)).recon.shape == (2, L)
 
 
+def test_initial_posterior_std_is_small():
+    mean, logvar = DuoVAE().posterior(_wav(2, 9600))
+    assert (0.5 * logvar).exp().mean() < 0.05  # noise must not swamp the initial means (posterior collapse)
+
+
 def test_odd_stride_lengths_are_exact():
     vae = DuoVAE(downsampling_ratios=(2, 4, 4, 6, 5), channel_multiples=(1, 1, 1, 1, 1))
     with torch.no_grad():
