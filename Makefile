@@ -37,7 +37,8 @@ $(PY_STAMP): requirements.txt pyproject.toml
 repro: setup
 	@source $(BIN)/activate && dvc pull -q data.dvc 2>/dev/null || true
 	source $(BIN)/activate && dvc repro
-	@source $(BIN)/activate && dvc metrics show
+	@cat eval/results.md
+	@echo "[repro] all metrics: dvc metrics show (or eval/metrics.json); report: outputs/report/report.html"
 
 test: setup
 	source $(BIN)/activate && python scripts/check_nbdev.py
