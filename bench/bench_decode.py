@@ -19,11 +19,11 @@ import torch
 def default_decoder(params_path: str = "params.yaml", profile: str | None = None):
     from duotok.config import load_params
     from duotok.diffusion import LatentDecoder, TokenDecoder, make_scheduler
-    from duotok.vae import DuoVAE
+    from duotok.stages.vae import vae_config
+    from duotok.vae import build_vae
     p = load_params(params_path, profile=profile)
     v, d, a = p.vae, p.decoder, p.audio
-    vae = DuoVAE(v.latent_dim, v.encoder_hidden_size, v.decoder_channels, v.downsampling_ratios, v.channel_multiples,
-                 a.sample_rate).eval()
+    vae = build_vae(vae_config(p)).eval()  # the params' architecture (vae.arch), untrained
     model = LatentDecoder(v.latent_dim, (a.codebook_size, a.codebook_size), d.width, d.layers, d.heads, d.shared,
                           a.latent_rate // a.token_rate).eval()
     return TokenDecoder(model, vae, dict(make_scheduler().config), d.sampling_steps, d.guidance_scale,

@@ -17,8 +17,8 @@ import torchaudio.functional as AF
 from einops import rearrange
 
 # %% auto #0
-__all__ = ['VAEOutput', 'DuoVAE', 'multi_resolution_stft_loss', 'WaveDiscriminator', 'VAEWithDisc', 'vae_loss',
-           'PretrainedOobleck', 'build_vae', 'load_vae', 'synthetic_stems']
+__all__ = ['VAEOutput', 'DuoVAE', 'multi_resolution_stft_loss', 'WaveDiscriminator', 'VAEWithDisc', 'vae_loss', 'ConvNeXtBlock',
+           'STFTVAE', 'PretrainedOobleck', 'build_vae', 'load_vae', 'synthetic_stems']
 
 # %% ../nbs/50_vae.ipynb #5889622b
 @dataclass
@@ -207,6 +207,96 @@ def vae_loss(model: nn.Module, wav: torch.Tensor, adversarial: bool = False,
                                  for a, b in zip(fr[:-1], rr[:-1])) / len(fake_g)
     return losses
 
+# %% ../nbs/50_vae.ipynb #fab8e0da
+class ConvNeXtBlock(nn.Module):
+    """1-D ConvNeXt block: depthwise conv (kernel 7) -> LayerNorm -> Linear x`mult` -> GELU -> Linear ->
+    layer scale, residual. x (B, D, T) -> (B, D, T)."""
+
+    def __init__(self, dim: int, mult: int = 3, layer_scale: float = 0.1):
+        super().__init__()
+        self.dw = nn.Conv1d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1, self.pw2 = nn.Linear(dim, mult * dim), nn.Linear(mult * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = rearrange(self.dw(x), "b d t -> b t d")
+        h = self.pw2(F.gelu(self.pw1(self.norm(h)))) * self.gamma
+        return x + rearrange(h, "b t d -> b d t")
+
+
+class STFTVAE(nn.Module):
+    """Mono 48 kHz VAE over STFT frames with a `hop`-sample latent hop (960 -> 50 Hz latents).
+
+    Same interface as `DuoVAE`: inputs (B, L) float waveforms at `sample_rate`, `L` need not be a
+    multiple of `hop` (zero-padded; `decode` returns `T * hop` samples). The STFT (`n_fft`,
+    `frame_hop`, Hann, centred) runs at `hop / frame_hop` frames per latent frame."""
+
+    def __init__(self, latent_dim: int = 16, width: int = 128, layers: int = 3, n_fft: int = 1920,
+                 frame_hop: int = 480, hop: int = 960, sample_rate: int = 48000, init_scale_bias: float = -5.0):
+        super().__init__()
+        if hop % frame_hop or n_fft < frame_hop:
+            raise ValueError(f"vae.frame_hop ({frame_hop}) must divide audio.vae_hop ({hop}) and be <= vae.n_fft ({n_fft})")
+        self.latent_dim, self.sample_rate, self.hop = latent_dim, sample_rate, hop
+        self.n_fft, self.frame_hop, self.up = n_fft, frame_hop, hop // frame_hop
+        nb = n_fft // 2 + 1
+        self.max_logmag = math.log(n_fft)  # |STFT| of a full-scale signal stays below n_fft / 2
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.enc_in = nn.Conv1d(nb, width, 7, padding=3)
+        self.enc_blocks = nn.Sequential(*[ConvNeXtBlock(width) for _ in range(layers)])
+        self.enc_down = nn.Conv1d(width, width, self.up + 1, stride=self.up)  # up*T + 1 frames -> T
+        self.enc_norm = nn.LayerNorm(width)
+        self.enc_out = nn.Conv1d(width, 2 * latent_dim, 1)
+        self.dec_in = nn.Conv1d(latent_dim, width, 7, padding=3)
+        self.dec_up = nn.ConvTranspose1d(width, width, self.up, stride=self.up)
+        self.dec_blocks = nn.Sequential(*[ConvNeXtBlock(width) for _ in range(layers)])
+        self.dec_norm = nn.LayerNorm(width)
+        self.dec_out = nn.Linear(width, 2 * nb)
+        with torch.no_grad():  # small initial posterior std, as in DuoVAE
+            self.enc_out.bias[latent_dim:].fill_(init_scale_bias)
+
+    @property
+    def latent_rate(self) -> float:
+        return self.sample_rate / self.hop
+
+    def _pad(self, wav: torch.Tensor) -> torch.Tensor:
+        if wav.dim() != 2:
+            raise ValueError(f"STFTVAE expects a (B, L) waveform, got shape {tuple(wav.shape)}")
+        return _fit_length(wav, math.ceil(wav.shape[-1] / self.hop) * self.hop)
+
+    def posterior(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wav (B, L) -> mean, logvar (B, C, ceil(L / hop))."""
+        S = torch.stft(self._pad(wav), self.n_fft, self.frame_hop, window=self.window, return_complex=True,
+                       pad_mode="constant")  # zero-padded centred frames: any length >= 1 latent frame
+        h = self.enc_blocks(self.enc_in(torch.log(S.abs() + 1e-5)))  # (B, W, up*T + 1)
+        h = rearrange(self.enc_norm(rearrange(self.enc_down(h), "b d t -> b t d")), "b t d -> b d t")  # (B, W, T)
+        mean, scale = self.enc_out(h).chunk(2, dim=1)
+        std = F.softplus(scale) + 1e-4
+        return mean, 2 * torch.log(std)
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (B, L) at 48 kHz -> posterior mean latents (B, C, ceil(L / hop)) at 50 Hz."""
+        return self.posterior(wav)[0]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, C, T) -> waveform (B, T * hop) at 48 kHz."""
+        if z.dim() != 3 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"STFTVAE.decode expects (B, {self.latent_dim}, T) latents, got {tuple(z.shape)}")
+        T = z.shape[-1]
+        h = F.pad(self.dec_up(self.dec_in(z)), (0, 1), mode="replicate")  # (B, W, up*T + 1): centred frames
+        h = self.dec_out(self.dec_norm(rearrange(self.dec_blocks(h), "b d t -> b t d")))  # (B, frames, 2 nb)
+        logmag, phase = rearrange(h, "b t (two f) -> two b f t", two=2)
+        spec = torch.polar(torch.exp(logmag.clamp(max=self.max_logmag)), phase)
+        return torch.istft(spec, self.n_fft, self.frame_hop, window=self.window, length=T * self.hop)
+
+    def forward(self, wav: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
+        mean, logvar = self.posterior(wav)
+        z = mean
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + (0.5 * logvar).exp() * eps
+        return VAEOutput(recon=self.decode(z)[:, : wav.shape[-1]], mean=mean, logvar=logvar, latents=z)
+
 # %% ../nbs/50_vae.ipynb #bd7c1304
 class PretrainedOobleck(nn.Module):
     """A local diffusers `AutoencoderOobleck` (any rate / hop / channel count) behind the `DuoVAE`
@@ -256,19 +346,25 @@ class PretrainedOobleck(nn.Module):
         return _fit_length(y, n_wav)
 
 
-def build_vae(cfg: dict) -> DuoVAE | PretrainedOobleck:
-    """Build the VAE described by a checkpoint config dict: keys of `VAEConfig` (`pretrained`,
-    `latent_dim`, `encoder_hidden_size`, `decoder_channels`, `downsampling_ratios`, `channel_multiples`)
-    and `sample_rate`."""
+def build_vae(cfg: dict) -> DuoVAE | STFTVAE | PretrainedOobleck:
+    """Build the VAE described by a checkpoint config dict: keys of `VAEConfig` (`pretrained`, `arch`,
+    `width`, `layers`, `n_fft`, `frame_hop`, `latent_dim`, `encoder_hidden_size`, `decoder_channels`, `downsampling_ratios`, `channel_multiples`)
+    `sample_rate` and `hop`."""
     sr = int(cfg.get("sample_rate", 48000))
     if cfg.get("pretrained"):
         return PretrainedOobleck(cfg["pretrained"], sample_rate=sr)
+    arch = cfg.get("arch", "oobleck")  # checkpoints written before `arch` existed are Oobleck VAEs
+    if arch == "stft":
+        return STFTVAE(latent_dim=cfg["latent_dim"], width=cfg["width"], layers=cfg["layers"], n_fft=cfg["n_fft"],
+                       frame_hop=cfg["frame_hop"], hop=int(cfg.get("hop", 960)), sample_rate=sr)
+    if arch != "oobleck":
+        raise ValueError(f"vae.arch={arch!r}: use 'stft' or 'oobleck'")
     return DuoVAE(latent_dim=cfg["latent_dim"], encoder_hidden_size=cfg["encoder_hidden_size"],
                   decoder_channels=cfg["decoder_channels"], downsampling_ratios=cfg["downsampling_ratios"],
                   channel_multiples=cfg["channel_multiples"], sample_rate=sr)
 
 
-def load_vae(ckpt_dir: str | Path, name: str = "vae") -> DuoVAE | PretrainedOobleck:
+def load_vae(ckpt_dir: str | Path, name: str = "vae") -> DuoVAE | STFTVAE | PretrainedOobleck:
     """Load the VAE written by the `vae` stage (`ckpt_dir/{name}.safetensors` + `.json`), frozen
     (`eval()`, no grad). A pretrained VAE is rebuilt from its own directory (the checkpoint then holds
     only the config); a relative `pretrained` path is relative to `ckpt_dir` (packaged tokenizers)."""

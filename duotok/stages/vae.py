@@ -108,7 +108,7 @@ def run(params: Params, tracker, root: str | Path = "outputs/preprocess", out_di
     cfg, sr = params.vae, params.audio.sample_rate
     out = Path(out_dir) if out_dir is not None else stage_dir("vae")
     out.mkdir(parents=True, exist_ok=True)
-    if int(math.prod(cfg.downsampling_ratios)) != params.audio.vae_hop and not cfg.pretrained:
+    if int(math.prod(cfg.downsampling_ratios)) != params.audio.vae_hop and cfg.arch == "oobleck" and not cfg.pretrained:
         raise ValueError(f"vae.downsampling_ratios {list(cfg.downsampling_ratios)} multiply to "
                          f"{math.prod(cfg.downsampling_ratios)}, not audio.vae_hop={params.audio.vae_hop}")
     train_ds, val_ds = datasets if datasets is not None else (_load_split(root, "train"), _load_split(root, "val"))
