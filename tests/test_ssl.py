@@ -209,7 +209,8 @@ def test_probe_ssl_on_a_preprocess_folder(tmp_path):
     m = probe_ssl(data_root=root, encoder=enc, verbose=False)
     labels = ("singing", "melody_pc", "mix_pc", "drums", "source", "voice")
     assert m["probe/layer"] == ECFG.lower_layers - 1
-    assert all(f"probe/{l}/{k}" in m for l in labels for k in ("trained", "random", "majority", "input"))
+    assert all(f"probe/{l}/{k}" in m for l in labels for k in ("trained", "random", "majority", "input", "diff_lo", "diff_hi"))
+    assert all(m[f"probe/{l}/diff_lo"] <= m[f"probe/{l}/trained"] - m[f"probe/{l}/random"] + 1e-9 for l in labels)
     assert m["probe/singing/input"] > 0.95 > m["probe/singing/majority"] + 0.2      # the planted label is found in the input
     assert m["probe/drums/input"] >= m["probe/drums/majority"] - 0.1                # no drum cue in this mel: near majority
 
