@@ -19,9 +19,9 @@ import yaml
 
 # %% auto #0
 __all__ = ['ConfigError', 'from_dict', 'to_dict', 'flatten', 'AudioConfig', 'TrainConfig', 'RenderConfig', 'PreprocessConfig',
-           'EncoderConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig', 'FinetuneConfig', 'CodebookConfig', 'VAEConfig',
-           'PreEncodeConfig', 'DecoderConfig', 'LMConfig', 'EvaluateConfig', 'ReportConfig', 'Params', 'parse_override',
-           'load_params_dict', 'load_params']
+           'EncoderConfig', 'ProbeConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig', 'FinetuneConfig',
+           'CodebookConfig', 'VAEConfig', 'PreEncodeConfig', 'DecoderConfig', 'LMConfig', 'EvaluateConfig',
+           'ReportConfig', 'Params', 'parse_override', 'load_params_dict', 'load_params']
 
 # %% ../nbs/01_config.ipynb #ff9aaa52
 class ConfigError(ValueError):
@@ -203,6 +203,15 @@ class EncoderConfig:
 
 # %% ../nbs/01_config.ipynb #4a866f03
 @dataclass(frozen=True)
+class ProbeConfig:
+    "Linear probe of the trained encoder after stage 1 (`duotok.probe.probe_ssl`); a measurement, not training."
+    enabled: bool               # run it at the end of the ssl stage (adds ~20 s on one core)
+    layer: int                  # block index probed; -1 = the bottleneck (lower_layers - 1)
+    max_train: int              # train samples (25 Hz frames) subsampled for each probe fit
+    grid: list[float]           # ridge L2 strengths (x n samples) tried; chosen on held-out train songs
+    holdout: float              # fraction of train songs held out to choose the L2 strength
+
+@dataclass(frozen=True)
 class SSLConfig:
     encoder: EncoderConfig
     mask_span_s: float
@@ -213,6 +222,7 @@ class SSLConfig:
     rpq_dim: int
     train: TrainConfig
     lambdas: dict[str, float]
+    probe: ProbeConfig
 
 # %% ../nbs/01_config.ipynb #25bead2f
 @dataclass(frozen=True)

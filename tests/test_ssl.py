@@ -128,3 +128,100 @@ def test_stage_resumes_after_kill(tmp_path):
     cfg = json.loads((out / "model.json").read_text())["config"]
     assert cfg["encoder"]["width"] == 32 and cfg["bestrq"]["rpq_codebook_size"] == 32
     assert "val/mlm/acc" in m and "val/mlm/const_acc" in m
+
+
+# ---------------------------------------------------------------- linear probe (duotok.probe)
+def _fake_preprocess(root, n=6, n_mels=32, F=80, seed=0):
+    """A tiny preprocess folder (train + val) whose mel carries the `singing` label: sung 25 Hz frames get
+    +3 on the lowest 8 mel bins. Everything else is noise (drums silent in every other segment)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    info = {}
+    T = F // 4
+    for sp in ("train", "val"):
+        sh = root / "shards" / f"{sp}-0"; sh.mkdir(parents=True)
+        songs = [f"{['chorale', 'folk', 'pop'][i % 3]}-{sp}{i}" for i in range(n)]
+        for i, s in enumerate(songs): info[s] = {"tags": [s.split("-")[0], ["female", "male"][i % 2]]}
+        lf = rng.integers(0, 3, (n, T))
+        mel = rng.standard_normal((n, n_mels, F))
+        mel[:, :8, :] += 3 * np.repeat(lf != 0, 4, axis=1)[:, None, :]
+        arr = {"mel_mix": mel, "chroma_mix": rng.random((n, 12, F)), "chroma_vocals": rng.random((n, 12, F)),
+               "lyric_frames": lf, "wav24_stems": rng.standard_normal((n, 4, F * 240)) * 0.01}
+        arr["wav24_stems"][::2, 1] = 0.0                                       # drums in every other segment
+        for k, v in arr.items(): np.save(sh / f"{k}.npy", v.astype(np.int64 if k == "lyric_frames" else np.float32))
+        np.save(sh / "segment.npy", np.array([f"{s}@0.0" for s in songs]))
+    man = {"splits": {sp: {"shards": [{"name": f"{sp}-0", "n": n}]} for sp in ("train", "val")}, "vocab": ["_"],
+           "audio": {"frames": F, "tokens": T, "L24": F * 240}, "silence": {"silence_db": -50.0}, "song_info": info}
+    (root / "manifest.json").write_text(json.dumps(man))
+    return root
+
+
+def test_linear_probe_informative_features_beat_random():
+    from duotok.probe import RIDGE_GRID, ProbeLabel, linear_probe
+    g = torch.Generator().manual_seed(0)
+    def split(n):
+        y = torch.randint(0, 4, (n, 25), generator=g)
+        good = torch.randn(n, 25, 16, generator=g)
+        good[..., :4] += 3 * torch.nn.functional.one_hot(y, 4)                # the label is linearly readable
+        return good, torch.randn(n, 25, 16, generator=g), ProbeLabel(y, torch.ones_like(y, dtype=torch.bool))
+    (g_tr, r_tr, l_tr), (g_te, r_te, l_te) = split(40), split(12)
+    songs = torch.arange(40) // 4                                                # 10 train "songs" of 4 segments
+    good, rand = linear_probe(g_tr, l_tr, g_te, l_te, songs), linear_probe(r_tr, l_tr, r_te, l_te, songs)
+    maj_class = torch.bincount(l_tr.y.flatten()).argmax()
+    assert good.majority == rand.majority == pytest.approx(float((l_te.y == maj_class).float().mean()))
+    assert good.acc > 0.9 and good.balanced > 0.9                                 # the label is found
+    assert rand.acc < good.majority + 0.1 and abs(rand.balanced - 0.25) < 0.1     # noise: chance level
+    assert good.n_train == 1000 and good.n_test == 300 and good.reg in RIDGE_GRID
+    assert linear_probe(g_tr, l_tr, g_te, l_te, method="logistic").acc > 0.9                # the fixed-C logistic probe too
+    # a label carried by one small-scale dimension among 15 noise dimensions is found (features are standardised)
+    weak_tr, weak_te = r_tr.clone(), r_te.clone()
+    weak_tr[..., 0] = 0.05 * l_tr.y + 0.01 * weak_tr[..., 0]; weak_te[..., 0] = 0.05 * l_te.y + 0.01 * weak_te[..., 0]
+    bin_tr, bin_te = ProbeLabel((l_tr.y > 1).long(), l_tr.valid), ProbeLabel((l_te.y > 1).long(), l_te.valid)
+    assert linear_probe(weak_tr, bin_tr, weak_te, bin_te, songs).acc > 0.95
+    # `valid` restricts both fitting and scoring; max_train subsamples the fit
+    half = ProbeLabel(l_te.y, l_te.y < 2)
+    assert linear_probe(g_tr, l_tr, g_te, half, max_train=200).n_test == int((l_te.y < 2).sum())
+    assert linear_probe(g_tr, l_tr, g_te, l_te, max_train=200).n_train == 200
+    # a label with one class in train cannot be probed
+    assert linear_probe(g_tr, ProbeLabel(torch.zeros_like(l_tr.y), l_tr.valid), g_te, l_te) is None
+
+
+def test_segment_labels_and_random_twin():
+    from duotok.probe import corpus_labels, random_twin
+    cm = torch.rand(2, 12, 5)
+    lab = corpus_labels(cm, cm, torch.tensor([[0, 3, 3, 0, 1]] * 2), torch.tensor([[-200., -60, -40, -10, -49]] * 2),
+                        [["chorale", "male"], ["odd"]])
+    assert lab["singing"].y[0].tolist() == [0, 1, 1, 0, 1] and lab["drums"].y[0].tolist() == [0, 0, 1, 1, 1]
+    assert torch.equal(lab["melody_pc"].valid, lab["singing"].y.bool())
+    assert lab["source"].y[0] == 0 and lab["source"].valid.tolist() == [True, False] and lab["voice"].valid.tolist() == [True, False]
+    enc = MusicEncoder(ECFG); enc.set_normalization(torch.randn(32), torch.rand(32) + 0.5)
+    state = torch.random.get_rng_state()
+    a, b = random_twin(enc, 5), random_twin(enc, 5)
+    assert torch.equal(torch.random.get_rng_state(), state)                       # global RNG untouched
+    assert torch.equal(a.upper_blocks[0].qkv.weight, b.upper_blocks[0].qkv.weight) and torch.equal(a.mel_mean, enc.mel_mean)
+    assert not torch.equal(a.upper_blocks[0].qkv.weight, enc.upper_blocks[0].qkv.weight)
+
+
+def test_probe_ssl_on_a_preprocess_folder(tmp_path):
+    from duotok.probe import probe_ssl
+    root = _fake_preprocess(tmp_path / "pre")
+    enc = MusicEncoder(ECFG)
+    m = probe_ssl(data_root=root, encoder=enc, verbose=False)
+    labels = ("singing", "melody_pc", "mix_pc", "drums", "source", "voice")
+    assert m["probe/layer"] == ECFG.lower_layers - 1
+    assert all(f"probe/{l}/{k}" in m for l in labels for k in ("trained", "random", "majority", "input", "diff_lo", "diff_hi"))
+    assert all(m[f"probe/{l}/diff_lo"] <= m[f"probe/{l}/trained"] - m[f"probe/{l}/random"] + 1e-9 for l in labels)
+    assert m["probe/singing/input"] > 0.95 > m["probe/singing/majority"] + 0.2      # the planted label is found in the input
+    assert m["probe/drums/input"] >= m["probe/drums/majority"] - 0.1                # no drum cue in this mel: near majority
+
+
+def test_stage_reports_probe(tmp_path):
+    from duotok.stages.ssl import run
+    root = _fake_preprocess(tmp_path / "pre", n_mels=128, F=40)
+    p = load_params("params.yaml", TOY + ["ssl.train.steps=2", "ssl.train.ckpt_every=2"])
+    m = run(p, NullTracker(), out_dir=tmp_path / "ssl", data_root=root)
+    assert m["steps"] == 2 and m["probe/layer"] == 0 and 0 <= m["probe/singing/trained"] <= 1
+    assert m["probe/singing/input"] > 0.95 and "probe/singing/random" in m
+    off = run(load_params("params.yaml", TOY + ["ssl.train.steps=2", "ssl.probe.enabled=false"]), NullTracker(),
+              out_dir=tmp_path / "ssl2", data_root=root)
+    assert not any(k.startswith("probe/") for k in off)

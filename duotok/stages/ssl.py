@@ -48,11 +48,15 @@ def build_bestrq(params: Params, manifest: dict | None = None) -> BestRQ:
     return BestRQ(enc, cfg)
 
 # %% ../../nbs/22_stage_ssl.ipynb #8980ff74
-def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path = "outputs/ssl") -> dict:
+def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path = "outputs/ssl",
+        data_root: str | Path = "outputs/preprocess") -> dict:
     """Train stage 1. `data` (tests) = {'train', 'val', 'manifest', optional 'collate'}; default: the
-    preprocess outputs. Returns the metrics dict (written to `outputs/ssl/metrics.json` by stage_main)."""
+    preprocess outputs in `data_root`. Returns the metrics dict (written to `outputs/ssl/metrics.json` by
+    stage_main). With `ssl.probe.enabled` and data read from disk, the linear probe of the trained encoder vs
+    its random-init twin (`duotok.probe.probe_ssl`) adds `probe/<label>/{trained,random,majority}`."""
     s = params.ssl
-    data = data or load_segments(["mel_mix"])
+    from_disk = data is None
+    data = data or load_segments(["mel_mix"], data_root)
     model = build_bestrq(params, data.get("manifest"))
     n_params = count_parameters(model.encoder)
     tracker.log_params({"ssl/encoder_params": n_params})
@@ -67,6 +71,13 @@ def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path =
     metrics = {"steps": res.step, "encoder_params": n_params, "resumed_from": res.resumed_from,
                **{f"val/{k}": v[k] for k in v}, **{f"train/{k}": x for k, x in res.train_metrics.items()}}
     if v: metrics["val/mlm/acc_over_const"] = v["mlm/acc"] / max(v["mlm/const_acc"], 1e-9)
+    pc = s.probe
+    if pc.enabled and from_disk and is_main_process():
+        from duotok.probe import probe_ssl                      # probes the checkpoint just written
+        pm = probe_ssl(out_dir, data_root, layer=None if pc.layer < 0 else pc.layer, seed=s.train.seed,
+                       max_train=pc.max_train, grid=tuple(pc.grid), holdout=pc.holdout)
+        tracker.log_metrics(pm, step=res.step)
+        metrics.update(pm)
     return metrics
 
 # %% ../../nbs/22_stage_ssl.ipynb #0c0eef77
