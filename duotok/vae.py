@@ -45,8 +45,39 @@ def _fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
         return x[..., :length]
     return F.pad(x, (0, length - x.shape[-1]))
 
+class _WaveVAE(nn.Module):
+    """What every duotok VAE shares: (B, L) waveforms at `sample_rate` in, `hop`-sample latent frames.
+    Subclasses set `latent_dim`, `sample_rate`, `hop` and define `posterior(wav)` (on `self._pad(wav)`)
+    and `decode(z)` (after `self._check_latents(z)`)."""
+
+    @property
+    def latent_rate(self) -> float:
+        return self.sample_rate / self.hop
+
+    def _pad(self, wav: torch.Tensor) -> torch.Tensor:
+        "(B, L) -> (B, ceil(L / hop) * hop), zero-padded."
+        if wav.dim() != 2:
+            raise ValueError(f"{type(self).__name__} expects a (B, L) waveform, got shape {tuple(wav.shape)}")
+        return _fit_length(wav, math.ceil(wav.shape[-1] / self.hop) * self.hop)
+
+    def _check_latents(self, z: torch.Tensor) -> None:
+        if z.dim() != 3 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"{type(self).__name__}.decode expects (B, {self.latent_dim}, T) latents, got {tuple(z.shape)}")
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (B, L) at 48 kHz -> posterior mean latents (B, C, ceil(L / hop)) at 50 Hz."""
+        return self.posterior(wav)[0]
+
+    def forward(self, wav: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
+        mean, logvar = self.posterior(wav)
+        z = mean
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + (0.5 * logvar).exp() * eps
+        return VAEOutput(recon=self.decode(z)[:, : wav.shape[-1]], mean=mean, logvar=logvar, latents=z)
+
 # %% ../nbs/50_vae.ipynb #cfce080b
-class DuoVAE(nn.Module):
+class DuoVAE(_WaveVAE):
     """Mono 48 kHz Oobleck VAE with a `prod(downsampling_ratios)`-sample hop (960 -> 50 Hz latents).
 
     Wraps `diffusers.AutoencoderOobleck`. Inputs are (B, L) float waveforms in [-1, 1] at
@@ -77,16 +108,6 @@ class DuoVAE(nn.Module):
         with torch.no_grad():
             self.ae.encoder.conv2.bias[latent_dim:].fill_(init_scale_bias)
 
-    @property
-    def latent_rate(self) -> float:
-        return self.sample_rate / self.hop
-
-    def _pad(self, wav: torch.Tensor) -> torch.Tensor:
-        if wav.dim() != 2:
-            raise ValueError(f"DuoVAE expects a (B, L) waveform, got shape {tuple(wav.shape)}")
-        n = math.ceil(wav.shape[-1] / self.hop) * self.hop
-        return _fit_length(wav, n)
-
     def posterior(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wav (B, L) -> mean, logvar (B, C, ceil(L / hop))."""
         h = self.ae.encoder(rearrange(self._pad(wav), "b l -> b 1 l"))  # (B, 2C, T)
@@ -94,25 +115,11 @@ class DuoVAE(nn.Module):
         std = F.softplus(scale) + 1e-4  # as OobleckDiagonalGaussianDistribution
         return mean, 2 * torch.log(std)
 
-    def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav (B, L) at 48 kHz -> posterior mean latents (B, C, ceil(L / hop)) at 50 Hz."""
-        return self.posterior(wav)[0]
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, C, T) -> waveform (B, T * hop) at 48 kHz."""
-        if z.dim() != 3 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"DuoVAE.decode expects (B, {self.latent_dim}, T) latents, got {tuple(z.shape)}")
+        self._check_latents(z)
         y = self.ae.decoder(z)[:, 0]  # (B, ~T*hop)
         return _fit_length(y, z.shape[-1] * self.hop)
-
-    def forward(self, wav: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
-        mean, logvar = self.posterior(wav)
-        z = mean
-        if sample:
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + (0.5 * logvar).exp() * eps
-        recon = self.decode(z)[:, : wav.shape[-1]]
-        return VAEOutput(recon=recon, mean=mean, logvar=logvar, latents=z)
 
 # %% ../nbs/50_vae.ipynb #ea04f798
 def multi_resolution_stft_loss(x: torch.Tensor, y: torch.Tensor,
@@ -225,7 +232,7 @@ class ConvNeXtBlock(nn.Module):
         return x + rearrange(h, "b t d -> b d t")
 
 
-class STFTVAE(nn.Module):
+class STFTVAE(_WaveVAE):
     """Mono 48 kHz VAE over STFT frames with a `hop`-sample latent hop (960 -> 50 Hz latents).
 
     Same interface as `DuoVAE`: inputs (B, L) float waveforms at `sample_rate`, `L` need not be a
@@ -255,15 +262,6 @@ class STFTVAE(nn.Module):
         with torch.no_grad():  # small initial posterior std, as in DuoVAE
             self.enc_out.bias[latent_dim:].fill_(init_scale_bias)
 
-    @property
-    def latent_rate(self) -> float:
-        return self.sample_rate / self.hop
-
-    def _pad(self, wav: torch.Tensor) -> torch.Tensor:
-        if wav.dim() != 2:
-            raise ValueError(f"STFTVAE expects a (B, L) waveform, got shape {tuple(wav.shape)}")
-        return _fit_length(wav, math.ceil(wav.shape[-1] / self.hop) * self.hop)
-
     def posterior(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wav (B, L) -> mean, logvar (B, C, ceil(L / hop))."""
         S = torch.stft(self._pad(wav), self.n_fft, self.frame_hop, window=self.window, return_complex=True,
@@ -274,28 +272,15 @@ class STFTVAE(nn.Module):
         std = F.softplus(scale) + 1e-4
         return mean, 2 * torch.log(std)
 
-    def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav (B, L) at 48 kHz -> posterior mean latents (B, C, ceil(L / hop)) at 50 Hz."""
-        return self.posterior(wav)[0]
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, C, T) -> waveform (B, T * hop) at 48 kHz."""
-        if z.dim() != 3 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"STFTVAE.decode expects (B, {self.latent_dim}, T) latents, got {tuple(z.shape)}")
+        self._check_latents(z)
         T = z.shape[-1]
         h = F.pad(self.dec_up(self.dec_in(z)), (0, 1), mode="replicate")  # (B, W, up*T + 1): centred frames
         h = self.dec_out(self.dec_norm(rearrange(self.dec_blocks(h), "b d t -> b t d")))  # (B, frames, 2 nb)
         logmag, phase = rearrange(h, "b t (two f) -> two b f t", two=2)
         spec = torch.polar(torch.exp(logmag.clamp(max=self.max_logmag)), phase)
         return torch.istft(spec, self.n_fft, self.frame_hop, window=self.window, length=T * self.hop)
-
-    def forward(self, wav: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
-        mean, logvar = self.posterior(wav)
-        z = mean
-        if sample:
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + (0.5 * logvar).exp() * eps
-        return VAEOutput(recon=self.decode(z)[:, : wav.shape[-1]], mean=mean, logvar=logvar, latents=z)
 
 # %% ../nbs/50_vae.ipynb #bd7c1304
 class PretrainedOobleck(nn.Module):
