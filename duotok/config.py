@@ -246,6 +246,7 @@ class FinetuneConfig:
     bottleneck_dim: int
     noise: NoiseConfig
     freeze: FreezeConfig
+    ctc_lr_mult: float          # learning-rate factor of the CTC head (trained from scratch)
     train: TrainConfig
     lambdas: dict[str, float]
 

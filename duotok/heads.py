@@ -12,7 +12,7 @@ from .audio import istft, stft
 from .metrics import error_rate, si_sdr
 
 # %% auto #0
-__all__ = ['match_frames', 'ConvUpsampler', 'CTCHead', 'ctc_loss', 'greedy_decode', 'ids_to_text', 'cer_wer',
+__all__ = ['match_frames', 'ConvUpsampler', 'CTCHead', 'ctc_loss', 'frame_ce', 'greedy_decode', 'ids_to_text', 'cer_wer',
            'trivial_asr_baselines', 'MelHead', 'ChromaHead', 'MaskHead', 'mss_loss', 'separate', 'separation_sisdr']
 
 # %% ../nbs/30_heads.ipynb #a52a4b68
@@ -50,6 +50,15 @@ def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, target_lengths: tor
     if input_lengths is None: input_lengths = torch.full((b,), t, dtype=torch.long)
     return F.ctc_loss(rearrange(log_probs, "b t v -> t b v"), targets, input_lengths, target_lengths,
                       blank=0, reduction="mean", zero_infinity=True)
+
+def frame_ce(log_probs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Auxiliary frame-level loss on CTC log-probs: mean NLL of the aligned character of every frame.
+    log_probs (B, T, V); frames (B, T') int64 character id per 25 Hz frame (0 = no lyric = blank), cropped
+    or edge-padded to T. Trains the same head the CTC loss trains, so greedy decoding of a head that
+    learned it yields the aligned characters (repeats collapsed), which bootstraps CTC out of all-blank."""
+    t = log_probs.shape[1]
+    frames = match_frames(frames.long(), t)
+    return F.nll_loss(rearrange(log_probs, "b t v -> (b t) v"), rearrange(frames, "b t -> (b t)"))
 
 def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor | None = None) -> list[list[int]]:
     "Best path: argmax per frame, collapse repeats, drop blanks. (B, T, V) -> list of id lists."

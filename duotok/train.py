@@ -106,12 +106,14 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
         cfg: TrainConfig, out_dir: str | os.PathLike, tracker, lambdas: dict[str, float],
         val_loader=None, val_fn: Callable[[nn.Module, Any], dict[str, float]] | None = None,
         on_step: Callable[[int, nn.Module], dict | None] | None = None, progress: bool = True,
-        desc: str | None = None) -> FitResult:
+        desc: str | None = None, lr_mult: dict[str, float] | None = None) -> FitResult:
     """Train `model` for `cfg.steps` optimizer steps on batches from `train_loader`.
 
     `loss_fn(model, batch)` returns a namespaced dict of scalars; the `lambdas` keys form the loss.
     `val_fn(model, val_loader)` returns val metrics (default: mean loss terms over `val_loader`).
     `on_step(step, model)` runs before each step (e.g. progressive freezing) and may return metrics.
+    `lr_mult` {parameter-name prefix: factor} scales the learning rate of the matching parameters (first
+    matching prefix wins; e.g. a head trained from scratch next to a pretrained encoder).
     Resumes from `resume_dir(out_dir)` if a state is there. Logs `train/<k>`, `val/<k>`, `lr`."""
     out_dir = Path(out_dir)
     state = resume_dir(out_dir)
@@ -120,12 +122,17 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp],
                               cpu=not torch.cuda.is_available())
     set_seed(cfg.seed, device_specific=True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params: raise ValueError("fit: the model has no trainable parameter")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    lr_mult = dict(lr_mult or {})
+    unmatched = [k for k in lr_mult if not any(n.startswith(k) for n, _ in named)]
+    if unmatched: raise ValueError(f"fit: lr_mult prefixes {unmatched} match no trainable parameter")
+    groups: dict[tuple[bool, float], list] = defaultdict(list)   # (decay, lr factor) -> params
+    for n, p in named:
+        groups[(p.ndim >= 2, next((f for k, f in lr_mult.items() if n.startswith(k)), 1.0))].append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if d else 0.0, "lr": cfg.lr * f}
+                             for (d, f), ps in groups.items()], lr=cfg.lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     model, opt, train_loader, sched = accelerator.prepare(model, opt, train_loader, sched)
     raw = accelerator.unwrap_model(model)

@@ -43,6 +43,12 @@ def segments(n, seed=0):
     return out
 
 
+def with_frames(segs, T):
+    "Segments + an aligned character per token frame (the lyric ids spread evenly, as the corpus does)."
+    return [{**s, "lyric_frames": np.asarray(s["lyric_ids"][:int(s["lyric_len"])]).repeat(-(-T // int(s["lyric_len"])))[:T]}
+            for s in segs]
+
+
 CFG = CodebookConfig(code_dim=8, beta=0.25, gradient="straight_through", init_from_bottleneck=True, transform="mlp", data_init=True,
                      train_proj_in=False, cache_lower=True,
                      train=TrainConfig(steps=12, batch_size=4, lr=1e-3, warmup_steps=2, weight_decay=0.0, grad_clip=1.0,
@@ -74,6 +80,23 @@ def test_dual_batch_targets_follow_the_stem():
     assert b["mel"].shape == (6, N_MELS, F) and b["label"].tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.equal(b["chroma"][4], torch.as_tensor(segments(3)[1]["chroma_acc"]))
     assert b["lyric_len"][3:].sum() == 0 and (b["lyric_len"][:3] > 0).all()       # accompaniment: empty lyric
+
+
+def test_frame_targets_and_ctc_baselines(tmp_path):
+    from duotok.stages.codebook import _mostfreq_cer, codebook_validate
+    m = model_from_finetune(tiny_finetune(tmp_path), 8, 16)
+    T = -(-F // 4)
+    segs = with_frames(segments(3), T)
+    b = dual_batch(_collate_default(segs))
+    assert b["lyric_frames"].shape == (6, T) and b["lyric_frames"][3:].sum() == 0          # accompaniment: no lyric
+    assert torch.equal(b["lyric_frames"][1], torch.as_tensor(segs[1]["lyric_frames"]))
+    out = codebook_loss(m, _collate_default(segs))
+    assert torch.isfinite(out["asr/frame"]) and out["asr/frame"] > 0
+    assert "asr/frame" not in codebook_loss(m, _collate_default(segments(3)))
+    assert abs(_mostfreq_cer([[1, 1, 2], [1, 3]]) - 2 / 5) < 1e-9                           # "111", "11" vs refs
+    met = codebook_validate(m, torch.utils.data.DataLoader(segs, batch_size=3, collate_fn=_collate_default))
+    assert 0 < met["baseline/asr_cer_mostfreq"] < 1
+    assert abs(met["asr/cer_over_baseline"] - met["asr/cer"] / met["baseline/asr_cer_mostfreq"]) < 1e-9
 
 
 def test_losses_namespaced_and_no_cross_track_gradient(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from duotok.config import load_params
-from duotok.heads import (cer_wer, greedy_decode, mss_loss, separate, separation_sisdr, trivial_asr_baselines)
+from duotok.heads import (cer_wer, frame_ce, greedy_decode, mss_loss, separate, separation_sisdr, trivial_asr_baselines)
 from duotok.audio import stft
 from duotok.models.encoder import EncoderConfig, MusicEncoder
 from duotok.models.finetune import FinetuneModel, HeadsConfig, finetune_loss
@@ -121,6 +121,46 @@ def test_ctc_decode_and_baselines():
     assert b["cer_blank"] == 1.0 and b["cer_trivial"] <= 1.0
 
 
+def test_frame_ce_targets_and_finetune_loss_term():
+    fr = torch.tensor([[0, 3, 3, 1, 1, 0, 0]])
+    perfect = torch.full((1, 7, 4), -30.0); perfect[0, torch.arange(7), fr[0]] = 0.0
+    perfect = perfect.log_softmax(-1)
+    assert frame_ce(perfect, fr) < 1e-6 and greedy_decode(perfect) == [[3, 1]]
+    wrong = perfect.roll(1, dims=-1)
+    assert frame_ce(wrong, fr) > 20
+    # the frame targets are cropped / edge-padded to the model's token count
+    assert torch.isfinite(frame_ce(perfect, torch.tensor([[0, 3, 3, 1, 1, 0, 0, 2, 2]])))
+    model = tiny_model().train()
+    b = tiny_batch()
+    assert "asr/frame" not in finetune_loss(model, b)
+    t = model(b["mel_mix"]).heads["ctc"].shape[1]
+    out = finetune_loss(model, {**b, "lyric_frames": torch.randint(0, 6, (2, t))})
+    assert torch.isfinite(out["asr/frame"]) and out["asr/frame"] > 0
+    out["asr/frame"].backward()                                        # trains the CTC head and the encoder
+    assert model.heads["ctc"].proj.weight.grad.abs().sum() > 0 and model.encoder.subsampler.parameters().__next__().grad is not None
+    from duotok.stages.finetune import enabled_heads
+    assert enabled_heads({"asr/ctc": 0.5, "asr/frame": 1.0, "mel/l1": 1.0}) == ("ctc", "mel")
+    assert enabled_heads({"asr/ctc": 0.0, "asr/frame": 1.0}) == ("ctc",)
+
+
+def test_fit_lr_mult_scales_matching_parameters(tmp_path):
+    from duotok.config import TrainConfig
+    from duotok.train import fit
+    net = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 1), "b": torch.nn.Linear(4, 1)})
+    a0, b0 = net["a"].weight.detach().clone(), net["b"].weight.detach().clone()
+    x = torch.randn(16, 4)
+    loss = lambda m, batch: {"l": (m["a"](batch) + m["b"](batch)).pow(2).mean()}
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=0.0, val_every=0,
+                      ckpt_every=0, log_every=1, seed=0, mixed_precision="no", num_workers=0)
+    fit(net, loss, torch.utils.data.DataLoader(x, batch_size=4), cfg, tmp_path / "o", NullTracker(), {"l": 1.0},
+        progress=False, lr_mult={"a.": 0.0, "b.weight": 10.0})
+    assert torch.equal(net["a"].weight, a0)                              # factor 0: frozen by its lr
+    assert (net["b"].weight - b0).abs().max() > 0.1                      # 3 Adam steps at 0.1 (vs <= 0.03 at 1x)
+    with pytest.raises(ValueError, match="match no trainable"):
+        fit(net, loss, torch.utils.data.DataLoader(x, batch_size=4), cfg, tmp_path / "o2", NullTracker(), {"l": 1.0},
+            progress=False, lr_mult={"nope.": 2.0})
+
+
 def test_mss_ideal_masks_beat_mix():
     g = torch.Generator().manual_seed(0)
     stems = torch.randn(2, 4, 4000, generator=g) * torch.tensor([1.0, 0.3, 0.3, 0.1])[None, :, None]
@@ -165,7 +205,8 @@ class Toy(torch.utils.data.Dataset):
         self.calls += 1
         if self.die_after is not None and self.calls > self.die_after: raise KeyboardInterrupt("simulated kill")
         return {"mel_mix": self.mel[i], "chroma_mix": self.chroma[i], "lyric_ids": self.ids[i],
-                "lyric_len": torch.tensor(6), "wav24_mix": self.stems[i].sum(0), "wav24_stems": self.stems[i]}
+                "lyric_len": torch.tensor(6), "lyric_frames": self.ids[i].repeat_interleave(2)[:11],
+                "wav24_mix": self.stems[i].sum(0), "wav24_stems": self.stems[i]}
 
 
 TOY = ["ssl.encoder.width=32", "ssl.encoder.layers=4", "ssl.encoder.lower_layers=2", "ssl.encoder.heads=2",
@@ -193,7 +234,7 @@ def test_stage_runs_resumes_and_switches(tmp_path):
     model = FinetuneModel.from_checkpoint(out)
     assert model.heads_cfg.vocab_size == 5
     # ablation switches: no CTC head, no noise, no freezing
-    p2 = load_params("params.yaml", TOY + ["finetune.train.steps=2", "finetune.lambdas.asr/ctc=0",
+    p2 = load_params("params.yaml", TOY + ["finetune.train.steps=2", "finetune.lambdas.asr/ctc=0", "finetune.lambdas.asr/frame=0",
                                            "finetune.noise.enabled=false", "finetune.freeze.enabled=false"])
     m2 = run(p2, NullTracker(), {"train": Toy(8, 0), "val": Toy(4, 1), "manifest": man}, out_dir=tmp_path / "ft2",
              ssl_dir=tmp_path / "ssl")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..heads import ChromaHead, CTCHead, MaskHead, MelHead, ctc_loss, match_frames, mss_loss
+from ..heads import ChromaHead, CTCHead, MaskHead, MelHead, ctc_loss, frame_ce, match_frames, mss_loss
 from .encoder import EncoderConfig, MusicEncoder
 from ..noise import Bottleneck, GaussianReplacementNoise
 
@@ -125,13 +125,16 @@ class FinetuneModel(nn.Module):
 # %% ../../nbs/33_finetune_model.ipynb #f7c03e56
 def finetune_loss(model: FinetuneModel, batch: dict, heads=HEADS) -> dict[str, torch.Tensor]:
     """Batch keys: mel_mix (B, n_mels, F); chroma_mix (B, 12, F); lyric_ids (B, L), lyric_len (B,);
-    wav24_mix (B, L24), wav24_stems (B, 4, L24). Returns the namespaced loss dict of the enabled heads."""
+    wav24_mix (B, L24), wav24_stems (B, 4, L24); optional lyric_frames (B, T) (adds `asr/frame`, the
+    frame-level CE of the CTC head against the aligned characters). Returns the namespaced loss dict."""
     mel = batch["mel_mix"]
     out = model(mel, batch.get("mel_mask"), heads=heads)      # `model` may be DDP-wrapped: call it, then unwrap
     raw = getattr(model, "module", model)
     h, hc, losses = out.heads, raw.heads_cfg, {}
     if "ctc" in h:
         losses["asr/ctc"] = ctc_loss(h["ctc"], batch["lyric_ids"], batch["lyric_len"])
+        if "lyric_frames" in batch:                          # (B, T) aligned character per 25 Hz frame
+            losses["asr/frame"] = frame_ce(h["ctc"], batch["lyric_frames"])
     if "mel" in h: losses["mel/l1"] = (h["mel"] - mel).abs().mean()
     if "chroma" in h: losses["chroma/l1"] = (h["chroma"] - batch["chroma_mix"]).abs().mean()
     if "mss" in h: losses["mss/l1"] = mss_loss(h["mss"], batch["wav24_mix"], batch["wav24_stems"], hc.n_fft, hc.hop)

@@ -77,7 +77,7 @@ class CodebookModel(nn.Module):
         return CodebookOutput(self.encoder.upper(q.h_q), h, q)
 
 # %% ../../nbs/41_stage_codebook.ipynb #55ab2e10
-FIELDS = ["mel_vocals", "mel_acc", "chroma_vocals", "chroma_acc", "lyric_ids", "lyric_len", "segment", "song"]
+FIELDS = ["mel_vocals", "mel_acc", "chroma_vocals", "chroma_acc", "lyric_ids", "lyric_len", "lyric_frames", "segment", "song"]
 
 
 def dual_batch(batch: dict) -> dict:
@@ -90,6 +90,9 @@ def dual_batch(batch: dict) -> dict:
     lens = torch.as_tensor(batch["lyric_len"]).long().reshape(B)
     extra = {"h": torch.cat([torch.as_tensor(batch["h_vocals"]), torch.as_tensor(batch["h_acc"])]).float()} \
         if "h_vocals" in batch else {}
+    if "lyric_frames" in batch:                       # aligned character per 25 Hz frame; accompaniment: none (0)
+        fr = torch.as_tensor(batch["lyric_frames"]).long()
+        extra["lyric_frames"] = torch.cat([fr, torch.zeros_like(fr)])
     return {**extra, "mel": torch.cat([mv, ma]).float(),
             "chroma": torch.cat([torch.as_tensor(batch["chroma_vocals"]), torch.as_tensor(batch["chroma_acc"])]).float(),
             "lyric_ids": torch.cat([ids, torch.zeros_like(ids)]),
@@ -133,6 +136,15 @@ class LowerCache(torch.utils.data.Dataset):
         return {**self.dataset[i], "h_vocals": self.h_vocals[i], "h_acc": self.h_acc[i]}
 
 # %% ../../nbs/41_stage_codebook.ipynb #f8240425
+def _mostfreq_cer(refs: list[list[int]]) -> float:
+    """CER of the most-frequent-character transcriber on id sequences: the corpus's most frequent id
+    repeated to each reference's length (edit distance = length - occurrences of that id)."""
+    flat = [i for r in refs for i in r]
+    if not flat: return float("nan")
+    top = torch.bincount(torch.tensor(flat)).argmax().item()
+    return sum(len(r) - r.count(top) for r in refs) / len(flat)
+
+
 def _greedy_cer(logits: Tensor, ids: Tensor, lens: Tensor) -> tuple[float, int]:
     "Sum of character edit distances of greedy CTC decodes (blank 0) and total reference length."
     import torchaudio
@@ -152,7 +164,7 @@ def codebook_validate(model: CodebookModel, loader, max_batches: int | None = No
     usage = {t: CodeUsage(k) for t, k in zip(TRACKS, model.quantizer.codebook_sizes)}
     sums: dict[str, float] = {}; n = 0
     mel_t, chroma_t, mel_p, chroma_p = [], [], [], []
-    cer_err, cer_tot = 0.0, 0
+    cer_err, cer_tot, refs = 0.0, 0, []
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches: break
         b = dual_batch(batch)
@@ -167,6 +179,7 @@ def codebook_validate(model: CodebookModel, loader, max_batches: int | None = No
             if "chroma" in preds: chroma_p.append(preds["chroma"]); chroma_t.append(head_target(model.heads, "chroma", b))
             if "lyrics" in preds:
                 e, tot = _greedy_cer(preds["lyrics"], b["lyric_ids"], b["lyric_len"]); cer_err += e; cer_tot += tot
+                refs += [r[:int(k)].tolist() for r, k in zip(b["lyric_ids"], b["lyric_len"]) if int(k) > 0]
     m = {k: v / max(n, 1) for k, v in sums.items()}
     for t in TRACKS:
         m.update({f"usage/{t}_{k}": v for k, v in usage[t].stats().items()})
@@ -178,6 +191,8 @@ def codebook_validate(model: CodebookModel, loader, max_batches: int | None = No
             m[f"{name}/l1_over_baseline"] = m.get(f"{name}/l1", float("nan")) / max(m[f"baseline/{name}_l1"], 1e-9)
     if cer_tot:
         m["asr/cer"] = cer_err / cer_tot; m["baseline/asr_cer_empty"] = 1.0
+        m["baseline/asr_cer_mostfreq"] = _mostfreq_cer(refs)
+        m["asr/cer_over_baseline"] = m["asr/cer"] / min(1.0, m["baseline/asr_cer_mostfreq"])
     model.train(was)
     return m
 
@@ -210,13 +225,16 @@ class Stage3Heads(nn.Module):
 
 
 def stage3_head_loss(heads: Stage3Heads, feats: Tensor, b: dict) -> dict[str, Tensor]:
-    "mel/l1 (raw log-mel, as stage 2), chroma/l1, asr/ctc (accompaniment items have empty targets)."
-    from duotok.heads import ctc_loss, match_frames
+    """mel/l1 (raw log-mel, as stage 2), chroma/l1, asr/ctc (accompaniment items have empty targets), and
+    asr/frame (frame CE of the lyric head vs `lyric_frames`, as stage 2) when the batch has them."""
+    from duotok.heads import ctc_loss, frame_ce, match_frames
     p = heads(feats)
     mel_t, chroma_t = heads.target("mel", b), b["chroma"]
-    return {"mel/l1": (match_frames(p["mel"], mel_t.shape[-1]) - mel_t).abs().mean(),
-            "chroma/l1": (match_frames(p["chroma"], chroma_t.shape[-1]) - chroma_t).abs().mean(),
-            "asr/ctc": ctc_loss(p["lyrics"], b["lyric_ids"], b["lyric_len"])}
+    out = {"mel/l1": (match_frames(p["mel"], mel_t.shape[-1]) - mel_t).abs().mean(),
+           "chroma/l1": (match_frames(p["chroma"], chroma_t.shape[-1]) - chroma_t).abs().mean(),
+           "asr/ctc": ctc_loss(p["lyrics"], b["lyric_ids"], b["lyric_len"])}
+    if "lyric_frames" in b: out["asr/frame"] = frame_ce(p["lyrics"], b["lyric_frames"])
+    return out
 
 # %% ../../nbs/41_stage_codebook.ipynb #019f3402
 def model_from_finetune(ft: nn.Module, code_dim: int, codebook_size: int | tuple[int, int], beta: float = 0.25,
@@ -355,6 +373,7 @@ def train_codebook(model: CodebookModel, train_ds, val_ds, cfg, out_dir: str | P
     metrics["check/frozen_unchanged"] = True
     metrics["check/usage_ge_80pct"] = bool(min(v.get(f"usage/{tr}_used_frac", 0.0) for tr in TRACKS) >= 0.8)
     metrics["check/heads_beat_baselines"] = bool(v.get("mel/l1_over_baseline", 9) < 1 and v.get("chroma/l1_over_baseline", 9) < 1)
+    metrics["check/ctc_beats_baselines"] = bool(v.get("asr/cer_over_baseline", 9) < 1)
     tracker.log_metrics({k: float(x) for k, x in metrics.items() if isinstance(x, (int, float, bool))}, step=res.step)
     return metrics
 

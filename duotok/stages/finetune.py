@@ -19,8 +19,8 @@ from ..stage import is_main, stage_main
 from .ssl import is_main_process, load_segments
 from ..train import fit
 
-FIELDS = ["mel_mix", "chroma_mix", "lyric_ids", "lyric_len", "wav24_mix", "wav24_stems"]
-LOSS_HEAD = {"asr/ctc": "ctc", "mel/l1": "mel", "chroma/l1": "chroma", "mss/l1": "mss"}
+FIELDS = ["mel_mix", "chroma_mix", "lyric_ids", "lyric_len", "lyric_frames", "wav24_mix", "wav24_stems"]
+LOSS_HEAD = {"asr/ctc": "ctc", "asr/frame": "ctc", "mel/l1": "mel", "chroma/l1": "chroma", "mss/l1": "mss"}
 
 # %% auto #0
 __all__ = ['FIELDS', 'LOSS_HEAD', 'enabled_heads', 'build_finetune', 'mean_chroma', 'finetune_validate', 'kmeans',
@@ -31,7 +31,7 @@ def enabled_heads(lambdas: dict) -> tuple[str, ...]:
     "Heads whose loss weight is non-zero (lambda 0 = head off)."
     unknown = set(lambdas) - set(LOSS_HEAD)
     if unknown: raise ValueError(f"finetune.lambdas: unknown keys {sorted(unknown)} (known: {sorted(LOSS_HEAD)})")
-    return tuple(LOSS_HEAD[k] for k, w in lambdas.items() if w != 0)
+    return tuple(dict.fromkeys(LOSS_HEAD[k] for k, w in lambdas.items() if w != 0))   # ordered, no repeats
 
 def build_finetune(params: Params, encoder, vocab_size: int) -> FinetuneModel:
     "FinetuneModel around an (ssl-trained) encoder, from the `finetune` section."
@@ -115,11 +115,13 @@ def kmeans_report(model: FinetuneModel, train_loader, val_loader, k: int, max_ba
             zs.append(model.bottleneck.proj_in(model.lower(b["mel_mix"])).flatten(0, 1))
         c = kmeans(torch.cat(zs), k, seed=seed)
         acc = defaultdict(list)
+        zv, used = [], torch.zeros(c.shape[0], dtype=torch.bool)
         for i, b in enumerate(val_loader):
             if i >= max_batches: break
             mel = b["mel_mix"]
             z = model.bottleneck.proj_in(model.lower(mel))                     # (B, T, d)
-            zq = c[torch.cdist(z.flatten(0, 1), c).argmin(1)].view_as(z)
+            a = torch.cdist(z.flatten(0, 1), c).argmin(1)
+            zq = c[a].view_as(z); used[a] = True; zv.append(z.flatten(0, 1))
             acc["kmeans/rel_mse"].append(float((z - zq).pow(2).sum() / (z - z.mean((0, 1))).pow(2).sum()))
             for tag, zz in (("", z), ("_q", zq)):
                 h = model.run_heads(model.upper(model.bottleneck.proj_out(zz)), ("mel", "chroma"), mel.shape[-1])
@@ -129,6 +131,10 @@ def kmeans_report(model: FinetuneModel, train_loader, val_loader, k: int, max_ba
         model.train(was)
     m = {k_: sum(v) / len(v) for k_, v in acc.items()}
     m["kmeans/k"] = float(c.shape[0])
+    m["kmeans/val_used_frac"] = float(used.float().mean())                 # centroids hit by val frames
+    zv = torch.cat(zv).double(); s = torch.linalg.svdvals(zv - zv.mean(0)).pow(2); f = s.cumsum(0) / s.sum()
+    m["bottleneck/top4_var"] = float(f[min(3, len(f) - 1)])                 # variance share of 4 principal components
+    m["bottleneck/pcs_99"] = float(int((f < 0.99).sum()) + 1)              # components for 99 % of the variance
     return m
 
 # %% ../../nbs/32_stage_finetune.ipynb #53233e7e
@@ -159,7 +165,8 @@ def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path =
     lambdas = {k: v for k, v in dict(f.lambdas).items()}
     res = fit(model, lambda m, b: finetune_loss(m, b, heads), train, f.train, out_dir, tracker, lambdas,
               val_loader=val, val_fn=lambda m, loader: finetune_validate(m, loader, vocab, chroma_mean, heads),
-              on_step=on_step, desc="finetune")
+              on_step=on_step, desc="finetune",
+              lr_mult={"heads.ctc.": f.ctc_lr_mult} if "ctc" in heads and f.ctc_lr_mult != 1.0 else None)
     model = res.model
     freezer.apply(res.step)
     km = kmeans_report(model, train, val, params.audio.codebook_size, seed=f.train.seed) if "mel" in heads else {}
