@@ -40,10 +40,12 @@ repro: setup
 	@cat eval/results.md
 	@echo "[repro] all metrics: dvc metrics show (or eval/metrics.json); report: outputs/report/report.html"
 
+# Each test command gets its own empty numba cache: librosa's cache=True gufuncs (pyin) once segfaulted in
+# pytest when loading entries the two parallel nbdev-test workers had written into site-packages (fresh venv).
 test: setup
 	source $(BIN)/activate && python scripts/check_nbdev.py
-	source $(BIN)/activate && nbdev-test --n-workers 2 --skip-folder-re '^reports$$'
-	source $(BIN)/activate && python -m pytest -q tests
+	source $(BIN)/activate && NUMBA_CACHE_DIR=$$(mktemp -d) nbdev-test --n-workers 2 --skip-folder-re '^reports$$'
+	source $(BIN)/activate && NUMBA_CACHE_DIR=$$(mktemp -d) python -m pytest -q tests
 
 lab: setup
 	source $(BIN)/activate && jupyter lab --ip 127.0.0.1 --no-browser --allow-root \
