@@ -42,10 +42,11 @@ repro: setup
 
 # Each test command gets its own empty numba cache: librosa's cache=True gufuncs (pyin) once segfaulted in
 # pytest when loading entries the two parallel nbdev-test workers had written into site-packages (fresh venv).
+# The folder is removed when the command ends (exit status kept).
 test: setup
 	source $(BIN)/activate && python scripts/check_nbdev.py
-	source $(BIN)/activate && NUMBA_CACHE_DIR=$$(mktemp -d) nbdev-test --n-workers 2 --skip-folder-re '^reports$$'
-	source $(BIN)/activate && NUMBA_CACHE_DIR=$$(mktemp -d) python -m pytest -q tests
+	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && NUMBA_CACHE_DIR=$$d nbdev-test --n-workers 2 --skip-folder-re '^reports$$'
+	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && NUMBA_CACHE_DIR=$$d python -m pytest -q tests
 
 lab: setup
 	source $(BIN)/activate && jupyter lab --ip 127.0.0.1 --no-browser --allow-root \
