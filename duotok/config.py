@@ -247,6 +247,7 @@ class FinetuneConfig:
     noise: NoiseConfig
     freeze: FreezeConfig
     ctc_lr_mult: float          # learning-rate factor of the CTC head (trained from scratch)
+    asr_blank_bias: float | None  # greedy-decoding blank bias of the lyric head; None = fitted on train after training
     train: TrainConfig
     lambdas: dict[str, float]
 
@@ -261,6 +262,7 @@ class CodebookConfig:
     data_init: bool             # fit f to train features first (linear: mean/cov; mlp: k-means centroids)
     train_proj_in: bool         # false: branch proj_in stays frozen (stationary quantizer input)
     cache_lower: bool           # compute the frozen lower half once per segment (speed; memory N x 2 x T x D)
+    asr_blank_bias: float | None  # as FinetuneConfig.asr_blank_bias, for the stage-3 lyric head
     train: TrainConfig
     lambdas: dict[str, float]
 

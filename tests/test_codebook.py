@@ -50,7 +50,7 @@ def with_frames(segs, T):
 
 
 CFG = CodebookConfig(code_dim=8, beta=0.25, gradient="straight_through", init_from_bottleneck=True, transform="mlp", data_init=True,
-                     train_proj_in=False, cache_lower=True,
+                     train_proj_in=False, cache_lower=True, asr_blank_bias=None,
                      train=TrainConfig(steps=12, batch_size=4, lr=1e-3, warmup_steps=2, weight_decay=0.0, grad_clip=1.0,
                                        val_every=0, ckpt_every=0, log_every=4, seed=0, mixed_precision="no", num_workers=0),
                      lambdas={"vq/commit": 1.0, "vq/codebook": 1.0, "mel/l1": 1.0, "chroma/l1": 1.0, "asr/ctc": 0.1})
@@ -127,6 +127,8 @@ def test_train_freezes_lower_and_writes_a_token_checkpoint(tmp_path):
         assert 0 < met[f"val/usage/{t}_used_frac"] <= 1 and met[f"val/usage/{t}_perplexity"] >= 1
         assert met[f"val/usage/{t}_dead"] == 16 * (1 - met[f"val/usage/{t}_used_frac"])
     assert met["bits_per_second"] == 25 * 2 * 4
+    from duotok.heads import BLANK_BIAS_GRID                    # the lyric head's blank bias, fitted on train
+    assert met["val/asr/blank_bias"] in BLANK_BIAS_GRID and "val/asr/cer_bias0" in met and "val/asr/cer" in met
     # the checkpoint rebuilds the stage-3 model and the token encoder without stage 2
     m2, cfg = load_codebook_model(tmp_path / "codebook")
     te = TokenEncoder.from_checkpoint(tmp_path / "codebook")

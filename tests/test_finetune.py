@@ -233,6 +233,14 @@ def test_stage_runs_resumes_and_switches(tmp_path):
         assert k in m, k
     model = FinetuneModel.from_checkpoint(out)
     assert model.heads_cfg.vocab_size == 5
+    # the greedy decoder's blank bias: fitted on train (a grid value), stored with the model, val decoded with it
+    from duotok.heads import BLANK_BIAS_GRID
+    assert m["val/asr/blank_bias"] in BLANK_BIAS_GRID and "val/asr/cer_bias0" in m and "val/asr/train_cer_calibrated" in m
+    assert json.loads((out / "model.json").read_text())["config"]["asr_blank_bias"] == m["val/asr/blank_bias"]
+    p3 = load_params("params.yaml", TOY + ["finetune.train.steps=2", "finetune.asr_blank_bias=1.5"])
+    m3 = run(p3, NullTracker(), {"train": Toy(8, 0), "val": Toy(4, 1), "manifest": man}, out_dir=tmp_path / "ft3",
+             ssl_dir=tmp_path / "ssl")
+    assert m3["val/asr/blank_bias"] == 1.5 and "val/asr/train_cer_calibrated" not in m3      # a fixed bias is used as is
     # ablation switches: no CTC head, no noise, no freezing
     p2 = load_params("params.yaml", TOY + ["finetune.train.steps=2", "finetune.lambdas.asr/ctc=0", "finetune.lambdas.asr/frame=0",
                                            "finetune.noise.enabled=false", "finetune.freeze.enabled=false"])

@@ -23,8 +23,8 @@ from ..stage import is_main, stage_main
 from ..train import fit
 
 # %% auto #0
-__all__ = ['FIELDS', 'CodebookOutput', 'CodebookModel', 'dual_batch', 'codebook_loss', 'LowerCache', 'codebook_validate',
-           'head_target', 'Stage3Heads', 'stage3_head_loss', 'model_from_finetune', 'model_config',
+__all__ = ['FIELDS', 'CodebookOutput', 'CodebookModel', 'dual_batch', 'codebook_loss', 'LowerCache', 'stage3_lyric_logprobs',
+           'codebook_validate', 'head_target', 'Stage3Heads', 'stage3_head_loss', 'model_from_finetune', 'model_config',
            'load_codebook_model', 'audio_facts', 'init_codebooks', 'train_codebook', 'load_finetune', 'run']
 
 # %% ../../nbs/41_stage_codebook.ipynb #9e4c36c8
@@ -145,20 +145,36 @@ def _mostfreq_cer(refs: list[list[int]]) -> float:
     return sum(len(r) - r.count(top) for r in refs) / len(flat)
 
 
-def _greedy_cer(logits: Tensor, ids: Tensor, lens: Tensor) -> tuple[float, int]:
-    "Sum of character edit distances of greedy CTC decodes (blank 0) and total reference length."
-    import torchaudio
-    pred = logits.argmax(-1)                                    # (B, T)
+def _greedy_cer(logits: Tensor, ids: Tensor, lens: Tensor, blank_bias: float = 0.0) -> tuple[float, int]:
+    "Sum of character edit distances of greedy CTC decodes (blank 0, `blank_bias`) and total reference length."
+    from duotok.heads import greedy_decode
+    from torchaudio.functional import edit_distance
     errs, total = 0.0, 0
-    for p, r, n in zip(pred, ids, lens):
+    for p, r, n in zip(greedy_decode(logits, blank_bias=blank_bias), ids, lens):
         if int(n) == 0: continue
-        p = torch.unique_consecutive(p); p = p[p != 0]
-        errs += float(torchaudio.functional.edit_distance(p.tolist(), r[:int(n)].tolist())); total += int(n)
+        errs += float(edit_distance(p, r[:int(n)].tolist())); total += int(n)
     return errs, total
 
 
 @torch.no_grad()
-def codebook_validate(model: CodebookModel, loader, max_batches: int | None = None) -> dict[str, float]:
+def stage3_lyric_logprobs(model: CodebookModel, loader) -> tuple[Tensor, list[list[int]]]:
+    "Lyric-head log-probs (N, T, V) of the vocal items of `loader` (eval mode) and their reference id lists."
+    was = model.training; model.eval()
+    lps, refs = [], []
+    try:
+        for batch in loader:
+            b = dual_batch(batch); voc = b["label"] == 0
+            out = model(b["mel"], b["label"], b.get("h"))
+            lps.append(model.heads(out.feats)["lyrics"][voc].cpu())
+            refs += [r[:int(k)].tolist() for r, k in zip(b["lyric_ids"][voc], b["lyric_len"][voc])]
+    finally:
+        model.train(was)
+    return torch.cat(lps), refs
+
+
+@torch.no_grad()
+def codebook_validate(model: CodebookModel, loader, max_batches: int | None = None,
+                      blank_bias: float = 0.0) -> dict[str, float]:
     "Mean val losses, per-track usage over the whole val set, trivial baselines, greedy CER of the lyric head."
     was = model.training; model.eval()
     usage = {t: CodeUsage(k) for t, k in zip(TRACKS, model.quantizer.codebook_sizes)}
@@ -178,7 +194,7 @@ def codebook_validate(model: CodebookModel, loader, max_batches: int | None = No
             if "mel" in preds: mel_p.append(preds["mel"]); mel_t.append(head_target(model.heads, "mel", b))
             if "chroma" in preds: chroma_p.append(preds["chroma"]); chroma_t.append(head_target(model.heads, "chroma", b))
             if "lyrics" in preds:
-                e, tot = _greedy_cer(preds["lyrics"], b["lyric_ids"], b["lyric_len"]); cer_err += e; cer_tot += tot
+                e, tot = _greedy_cer(preds["lyrics"], b["lyric_ids"], b["lyric_len"], blank_bias); cer_err += e; cer_tot += tot
                 refs += [r[:int(k)].tolist() for r, k in zip(b["lyric_ids"], b["lyric_len"]) if int(k) > 0]
     m = {k: v / max(n, 1) for k, v in sums.items()}
     for t in TRACKS:
@@ -351,18 +367,26 @@ def train_codebook(model: CodebookModel, train_ds, val_ds, cfg, out_dir: str | P
     res = fit(model, codebook_loss, train, t, out_dir, tracker, dict(cfg.lambdas), val_loader=val,
               val_fn=codebook_validate, desc="codebook")
     model = res.model
+    v, bias = dict(res.val_metrics), cfg.asr_blank_bias
+    if "asr/cer" in v:      # greedy decoding's blank bias: fitted on the train vocal items (unless fixed), val decoded with it
+        if bias is None:
+            from duotok.heads import calibrate_blank_bias
+            tl = DataLoader(train_ds, batch_size=t.batch_size, shuffle=False, num_workers=0, collate_fn=collate)
+            bias, v["asr/train_cer_calibrated"] = calibrate_blank_bias(*stage3_lyric_logprobs(model, tl))
+        v["asr/cer_bias0"] = v["asr/cer"]
+        v.update({k: x for k, x in codebook_validate(model, val, blank_bias=bias).items() if k.startswith("asr/")})
+        v["asr/blank_bias"] = bias
     # the frozen part did not move
     model.assert_frozen()
     assert not any(m.training for m in model.frozen_parts().values()), "frozen parts left eval mode"
-    for k, v in {f"{n}.{k}": v for n, m in model.frozen_parts().items() for k, v in m.state_dict().items()}.items():
-        if not torch.equal(v, frozen_before[k]):
+    for k, w in {f"{n}.{k}": w for n, m in model.frozen_parts().items() for k, w in m.state_dict().items()}.items():
+        if not torch.equal(w, frozen_before[k]):
             raise AssertionError(f"codebook stage: frozen weight {k} changed during training")
     with torch.no_grad():
         if not torch.equal(model.encoder.lower(probe["mel"]), h_probe):
             raise AssertionError("codebook stage: lower-half outputs changed during training")
     model.eval()
-    save_checkpoint(out_dir, model, model_config(model, audio, model_id, {"codebook": to_dict(cfg)}))
-    v = res.val_metrics
+    save_checkpoint(out_dir, model, model_config(model, audio, model_id, {"codebook": to_dict(cfg), "asr_blank_bias": bias}))
     metrics = {"steps": res.step, "resumed_from": res.resumed_from, "model_id": model_id,
                "codebook_sizes": list(model.quantizer.codebook_sizes),
                "bits_per_second": audio["token_rate"] * sum(math.log2(k) for k in model.quantizer.codebook_sizes),

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Params
-from ..heads import cer_wer, greedy_decode, ids_to_text, separate, separation_sisdr, trivial_asr_baselines
+from ..heads import cer_wer, calibrate_blank_bias, greedy_decode, ids_to_text, separate, separation_sisdr, trivial_asr_baselines
 from ..models.finetune import FinetuneModel, HeadsConfig, finetune_loss
 from ..noise import Bottleneck, GaussianReplacementNoise, ProgressiveFreezer
 from ..ssl import load_encoder
@@ -23,8 +23,8 @@ FIELDS = ["mel_mix", "chroma_mix", "lyric_ids", "lyric_len", "lyric_frames", "wa
 LOSS_HEAD = {"asr/ctc": "ctc", "asr/frame": "ctc", "mel/l1": "mel", "chroma/l1": "chroma", "mss/l1": "mss"}
 
 # %% auto #0
-__all__ = ['FIELDS', 'LOSS_HEAD', 'enabled_heads', 'build_finetune', 'mean_chroma', 'finetune_validate', 'kmeans',
-           'kmeans_report', 'run']
+__all__ = ['FIELDS', 'LOSS_HEAD', 'enabled_heads', 'build_finetune', 'mean_chroma', 'finetune_validate', 'lyric_logprobs',
+           'kmeans', 'kmeans_report', 'run']
 
 # %% ../../nbs/32_stage_finetune.ipynb #87fa65bb
 def enabled_heads(lambdas: dict) -> tuple[str, ...]:
@@ -53,8 +53,9 @@ def mean_chroma(loader, max_batches: int = 20) -> torch.Tensor:
 # %% ../../nbs/32_stage_finetune.ipynb #a2e185f9
 @torch.no_grad()
 def finetune_validate(model: FinetuneModel, loader, vocab: list[str], chroma_mean: torch.Tensor,
-                      heads=("ctc", "mel", "chroma", "mss"), max_batches: int | None = None) -> dict[str, float]:
-    "Val losses + head metrics + trivial baselines (see the notebook)."
+                      heads=("ctc", "mel", "chroma", "mss"), max_batches: int | None = None,
+                      blank_bias: float = 0.0) -> dict[str, float]:
+    "Val losses + head metrics + trivial baselines (see the notebook); `blank_bias` goes to `greedy_decode`."
     was = model.training; model.eval()
     acc: dict[str, list[float]] = defaultdict(list)
     refs, hyps, sis, mixs = [], [], [], []
@@ -69,7 +70,7 @@ def finetune_validate(model: FinetuneModel, loader, vocab: list[str], chroma_mea
             if "chroma" in h:
                 acc["chroma/l1_mean"].append(float((chroma_mean[None, :, None] - b["chroma_mix"]).abs().mean()))
             if "ctc" in h:
-                hyps += [ids_to_text(x, vocab) for x in greedy_decode(h["ctc"])]
+                hyps += [ids_to_text(x, vocab) for x in greedy_decode(h["ctc"], blank_bias=blank_bias)]
                 refs += [ids_to_text(r[: int(n)], vocab) for r, n in zip(b["lyric_ids"], b["lyric_len"])]
             if "mss" in h:
                 hc = model.heads_cfg
@@ -88,6 +89,20 @@ def finetune_validate(model: FinetuneModel, loader, vocab: list[str], chroma_mea
         s, x = torch.cat(sis), torch.cat(mixs)
         m.update({"mss/sisdr": float(s.mean()), "mss/sisdr_mix": float(x.mean()), "mss/sisdri": float((s - x).mean())})
     return m
+
+
+@torch.no_grad()
+def lyric_logprobs(model: FinetuneModel, loader) -> tuple[torch.Tensor, list[list[int]]]:
+    "Lyric-head log-probs (N, T, V) of every mix in `loader` (eval mode: no noise) and the reference id lists."
+    was = model.training; model.eval()
+    lps, refs = [], []
+    try:
+        for b in loader:
+            lps.append(model(b["mel_mix"], heads=("ctc",)).heads["ctc"].cpu())
+            refs += [r[: int(n)].tolist() for r, n in zip(b["lyric_ids"], b["lyric_len"])]
+    finally:
+        model.train(was)
+    return torch.cat(lps), refs
 
 # %% ../../nbs/32_stage_finetune.ipynb #41fa3174
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
@@ -169,10 +184,20 @@ def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path =
               lr_mult={"heads.ctc.": f.ctc_lr_mult} if "ctc" in heads and f.ctc_lr_mult != 1.0 else None)
     model = res.model
     freezer.apply(res.step)
+    v, bias = dict(res.val_metrics), f.asr_blank_bias
+    if "ctc" in heads:      # greedy decoding's blank bias: fitted on train (unless fixed), then val is decoded with it
+        if bias is None:
+            lp, refs = lyric_logprobs(model, DataLoader(data["train"], batch_size=f.train.batch_size, shuffle=False, **kw))
+            bias, v["asr/train_cer_calibrated"] = calibrate_blank_bias(lp, refs)
+        v["asr/cer_bias0"] = v.get("asr/cer", float("nan"))
+        asr = finetune_validate(model, val, vocab, chroma_mean, ("ctc",), blank_bias=bias)
+        v.update({k: x for k, x in asr.items() if k.startswith("asr/")}); v["asr/blank_bias"] = bias
     km = kmeans_report(model, train, val, params.audio.codebook_size, seed=f.train.seed) if "mel" in heads else {}
-    tracker.log_metrics({f"val/{k}": v for k, v in km.items()}, step=res.step)
-    if is_main_process(): model.save(out_dir, extra={"vocab": vocab, "freeze_schedule": schedule, "heads_trained": list(heads)})
-    v = {**res.val_metrics, **km}
+    tracker.log_metrics({f"val/{k}": x for k, x in {**v, **km}.items() if k.startswith(("asr/", "kmeans/", "bottleneck/"))}, step=res.step)
+    if is_main_process():
+        model.save(out_dir, extra={"vocab": vocab, "freeze_schedule": schedule, "heads_trained": list(heads),
+                                   "asr_blank_bias": bias if "ctc" in heads else None})
+    v = {**v, **km}
     return {"steps": res.step, "resumed_from": res.resumed_from, "frozen_units": freezer.n_frozen(res.step),
             **{f"val/{k}": x for k, x in v.items()}, **{f"train/{k}": x for k, x in res.train_metrics.items()}}
 
