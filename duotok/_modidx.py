@@ -497,8 +497,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                        'duotok/stages/codebook.py'),
                                         'duotok.stages.codebook._collate_default': ( 'stage_codebook.html#_collate_default',
                                                                                      'duotok/stages/codebook.py'),
-                                        'duotok.stages.codebook._greedy_cer': ( 'stage_codebook.html#_greedy_cer',
-                                                                                'duotok/stages/codebook.py'),
                                         'duotok.stages.codebook._mostfreq_cer': ( 'stage_codebook.html#_mostfreq_cer',
                                                                                   'duotok/stages/codebook.py'),
                                         'duotok.stages.codebook.audio_facts': ( 'stage_codebook.html#audio_facts',

@@ -56,7 +56,8 @@ def frame_ce(log_probs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """Auxiliary frame-level loss on CTC log-probs: mean NLL of the aligned character of every frame.
     log_probs (B, T, V); frames (B, T') int64 character id per 25 Hz frame (0 = no lyric = blank), cropped
     or edge-padded to T. Trains the same head the CTC loss trains, so greedy decoding of a head that
-    learned it yields the aligned characters (repeats collapsed), which bootstraps CTC out of all-blank."""
+    learned it yields the aligned characters (repeats collapsed). The default trains the head with it alone:
+    CTC next to it pulled a weak head back to all-blank (nbs/41, "The CTC blank plateau")."""
     t = log_probs.shape[1]
     frames = match_frames(frames.long(), t)
     return F.nll_loss(rearrange(log_probs, "b t v -> (b t) v"), rearrange(frames, "b t -> (b t)"))

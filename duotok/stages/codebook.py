@@ -145,17 +145,6 @@ def _mostfreq_cer(refs: list[list[int]]) -> float:
     return sum(len(r) - r.count(top) for r in refs) / len(flat)
 
 
-def _greedy_cer(logits: Tensor, ids: Tensor, lens: Tensor, blank_bias: float = 0.0) -> tuple[float, int]:
-    "Sum of character edit distances of greedy CTC decodes (blank 0, `blank_bias`) and total reference length."
-    from duotok.heads import greedy_decode
-    from torchaudio.functional import edit_distance
-    errs, total = 0.0, 0
-    for p, r, n in zip(greedy_decode(logits, blank_bias=blank_bias), ids, lens):
-        if int(n) == 0: continue
-        errs += float(edit_distance(p, r[:int(n)].tolist())); total += int(n)
-    return errs, total
-
-
 @torch.no_grad()
 def stage3_lyric_logprobs(model: CodebookModel, loader) -> tuple[Tensor, list[list[int]]]:
     "Lyric-head log-probs (N, T, V) of the vocal items of `loader` (eval mode) and their reference id lists."
@@ -176,11 +165,12 @@ def stage3_lyric_logprobs(model: CodebookModel, loader) -> tuple[Tensor, list[li
 def codebook_validate(model: CodebookModel, loader, max_batches: int | None = None,
                       blank_bias: float = 0.0) -> dict[str, float]:
     "Mean val losses, per-track usage over the whole val set, trivial baselines, greedy CER of the lyric head."
+    from duotok.heads import greedy_decode, id_cer
     was = model.training; model.eval()
     usage = {t: CodeUsage(k) for t, k in zip(TRACKS, model.quantizer.codebook_sizes)}
     sums: dict[str, float] = {}; n = 0
     mel_t, chroma_t, mel_p, chroma_p = [], [], [], []
-    cer_err, cer_tot, refs = 0.0, 0, []
+    refs, hyps = [], []
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches: break
         b = dual_batch(batch)
@@ -194,7 +184,7 @@ def codebook_validate(model: CodebookModel, loader, max_batches: int | None = No
             if "mel" in preds: mel_p.append(preds["mel"]); mel_t.append(head_target(model.heads, "mel", b))
             if "chroma" in preds: chroma_p.append(preds["chroma"]); chroma_t.append(head_target(model.heads, "chroma", b))
             if "lyrics" in preds:
-                e, tot = _greedy_cer(preds["lyrics"], b["lyric_ids"], b["lyric_len"], blank_bias); cer_err += e; cer_tot += tot
+                hyps += [h for h, k in zip(greedy_decode(preds["lyrics"], blank_bias=blank_bias), b["lyric_len"]) if int(k) > 0]
                 refs += [r[:int(k)].tolist() for r, k in zip(b["lyric_ids"], b["lyric_len"]) if int(k) > 0]
     m = {k: v / max(n, 1) for k, v in sums.items()}
     for t in TRACKS:
@@ -205,8 +195,8 @@ def codebook_validate(model: CodebookModel, loader, max_batches: int | None = No
             mean = y.mean(dim=(0, 2), keepdim=True)
             m[f"baseline/{name}_l1"] = float((y - mean).abs().mean())
             m[f"{name}/l1_over_baseline"] = m.get(f"{name}/l1", float("nan")) / max(m[f"baseline/{name}_l1"], 1e-9)
-    if cer_tot:
-        m["asr/cer"] = cer_err / cer_tot; m["baseline/asr_cer_empty"] = 1.0
+    if refs:
+        m["asr/cer"] = id_cer(refs, hyps); m["baseline/asr_cer_empty"] = 1.0
         m["baseline/asr_cer_mostfreq"] = _mostfreq_cer(refs)
         m["asr/cer_over_baseline"] = m["asr/cer"] / min(1.0, m["baseline/asr_cer_mostfreq"])
     model.train(was)
