@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 
 from .audio import chroma, load_audio, log_mel, resample
-from .core import atomic_write_json
+from .core import InputError, atomic_write_json
 from .corpus import SPACE_ID, STEMS, UNK_ID, VOCAB, char_ids, normalize_lyrics
 
 # %% auto #0
@@ -26,8 +26,8 @@ __all__ = ['FIELDS_F32', 'ALL_FIELDS', 'PreprocessError', 'SegmentSpec', 'segmen
            'active_seconds', 'assign_splits', 'write_shards', 'preprocess_corpus']
 
 # %% ../nbs/12_preprocess.ipynb #5ff66a42
-class PreprocessError(RuntimeError):
-    "Preprocessing cannot go on (for example a rejection with `fatal_rejections: true`)."
+class PreprocessError(InputError, RuntimeError):
+    "Preprocessing cannot go on with this corpus (for example a rejection with `fatal_rejections: true`)."
 
 @dataclass(frozen=True)
 class SegmentSpec:
@@ -259,6 +259,14 @@ def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: st
         raise PreprocessError(f"no usable song in {render_root} ({len(rejected)} rejected: "
                               + "; ".join(f"{k}: {v[0]}" for k, v in list(rejected.items())[:5]) + ")")
     split = assign_splits({s: songs[s].get("split") for s in sorted(results)}, val_fraction, test_fraction, seed)
+    empty = [k for k in ("train", "val") if not any(results[s]["n"] for s in results if split[s] == k)]
+    if empty:
+        shutil.rmtree(out)
+        pinned = Counter(songs[s].get("split") for s in results if songs[s].get("split"))
+        raise PreprocessError(f"{render_root}: no segment in the {' and '.join(repr(k) for k in empty)} split "
+                              f"({len(results)} usable songs; songs per split {dict(Counter(split.values()))}; pinned in "
+                              f"song.json: {dict(pinned) or 'none'}): ssl and finetune need train and val segments; "
+                              "remove \"split\" from some song.json files or add songs")
     width = max([r["lyric_width"] for r in results.values()] + [1])
     manifest_splits = {}
     for name in ("train", "val", "test"):
