@@ -50,7 +50,7 @@ def run_tool(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run an external tool with stdin = /dev/null (it can never wait for the terminal) and a time limit;
     stdout/stderr captured as bytes. Raises `RuntimeError` naming the tool if it is missing or times out."""
     try: return subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired: raise RuntimeError(f"{args[0]} did not finish within {timeout:.0f} s") from None
+    except subprocess.TimeoutExpired: raise RuntimeError(f"{args[0]} did not finish within {timeout:g} s") from None
     except FileNotFoundError: raise RuntimeError(f"{args[0]} not found: install it (apt-packages.txt)") from None
 
 # %% ../nbs/11_render.ipynb #dde8de96
