@@ -105,7 +105,7 @@ def _is_song_dir(d: Path) -> bool:
 def discover_songs(root: str | os.PathLike) -> list[Path]:
     "Song folders under `root`, sorted (deterministic). Raises `SongError` if `root` is missing."
     root = Path(root)
-    if not root.is_dir(): raise SongError(f"{root}: corpus folder not found")
+    if not root.is_dir(): raise SongError(f"{root}: corpus folder not found; give the folder that holds the song folders")
     out = []
     for dirpath, dirnames, _ in os.walk(root):
         dirnames.sort()
@@ -340,7 +340,7 @@ class ValidationReport:
             if p.song and p.song not in ok: out.setdefault(p.song, []).append(f"{p.path}: {p.message}")
         return out
     def format(self) -> str:
-        lines = [f"{self.n_found} song folders, {len(self.songs)} usable, {len(self.rejected)} rejected, "
+        lines = [f"{self.n_found} song folders, {len(self.songs)} usable, {self.n_found - len(self.songs)} rejected, "
                  f"{len(self.errors)} errors, {len(self.problems) - len(self.errors)} warnings"]
         return "\n".join(lines + [str(p) for p in self.problems])
 

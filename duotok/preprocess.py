@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .audio import chroma, load_audio, log_mel, resample
+from .audio import MAX_DURATION_S, chroma, load_audio, log_mel, resample
 from .core import InputError, atomic_write_json
 from .corpus import SPACE_ID, STEMS, UNK_ID, VOCAB, char_ids, normalize_lyrics
 
@@ -95,7 +95,8 @@ def process_song(song_dir: Path, sid: str, spec: SegmentSpec, out_dir: Path) -> 
     song_dir, out_dir = Path(song_dir), Path(out_dir)
     st48 = {}
     for s in STEMS:
-        x, sr = load_audio(song_dir / f"{s}.flac", sr=spec.sr48, mono=True)
+        # render's outputs: songs validated to <= MAX_DURATION_S, plus render's tail and stem padding
+        x, sr = load_audio(song_dir / f"{s}.flac", sr=spec.sr48, mono=True, max_duration_s=MAX_DURATION_S + 60)
         st48[s] = x[0]
     n = min(len(v) for v in st48.values())
     st48 = {k: v[:n] for k, v in st48.items()}

@@ -399,8 +399,8 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
     rep = validate_corpus(songs_dir, deep=True, max_songs=max_songs)
     if not rep.songs:                                     # refuse before anything under out_root is touched
         for p in rep.problems: log(str(p))
-        raise SongError(f"{songs_dir}: no usable song ({rep.n_found} song folders, {len(rep.rejected)} rejected): "
-                        + "; ".join(f"{p.path}: {p.message}" for p in rep.errors[:3])
+        raise SongError(f"{songs_dir}: no usable song among {rep.n_found} song folders: "
+                        + "; ".join(f"{p.path}: {p.message}" if p.song else p.message for p in rep.errors[:3])
                         + f"; `python -m duotok.corpus validate {songs_dir}` lists every problem")
     (out_root / "songs").mkdir(parents=True, exist_ok=True); (cache / "songs").mkdir(parents=True, exist_ok=True)
     SYLLABLE_CACHE = cache / "syllables"

@@ -164,14 +164,15 @@ def test_empty_corpus_fails_with_a_message_and_exit_2(tmp_path):
     from duotok.render import render_corpus
     (tmp_path / "songs").mkdir()
     with pytest.raises(SongError) as e: render_corpus(tmp_path / "songs", tmp_path / "out", workers=1, log=lambda *_: None)
-    assert str(e.value).startswith(f"{tmp_path}/songs: no usable song (0 song folders, 0 rejected): {tmp_path}/songs: "
-                                   "no song folders: a song folder holds the stems vocals, drums, bass, other")
+    assert str(e.value) == (f"{tmp_path}/songs: no usable song among 0 song folders: no song folders: a song folder holds "
+                            "the stems vocals, drums, bass, other (.wav/.flac) or a song.json recipe with MIDI parts "
+                            f"(docs/corpus.md); `python -m duotok.corpus validate {tmp_path}/songs` lists every problem")
     assert not (tmp_path / "out").exists()
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     r = subprocess.run([sys.executable, "-m", "duotok.stages.render", "--no-track", "--set", f"render.songs_dir={tmp_path / 'songs'}"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1].startswith(f"[render] error: {tmp_path}/songs: no usable song (0 song folders")
+    assert r.stderr.strip().splitlines()[-1] == f"[render] error: {e.value}"
     assert not (tmp_path / "outputs" / "render" / "songs").exists()
     assert corpus_main(["validate", str(tmp_path / "songs")]) == 2
     assert corpus_main(["validate", str(tmp_path / "nowhere")]) == 2
