@@ -13,7 +13,8 @@ import numpy as np
 AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 # %% auto #0
-__all__ = ['AUDIO_EXT', 'load_song_stems', 'cmd_encode', 'cmd_decode', 'cmd_info', 'cmd_package', 'build_parser', 'main']
+__all__ = ['AUDIO_EXT', 'match_lengths', 'load_song_stems', 'cmd_encode', 'cmd_decode', 'cmd_info', 'cmd_package', 'build_parser',
+           'main']
 
 # %% ../nbs/43_cli.ipynb #4a20e629
 def _find_stem(folder: Path, name: str) -> Path | None:
@@ -23,10 +24,23 @@ def _find_stem(folder: Path, name: str) -> Path | None:
     return None
 
 
-def load_song_stems(folder: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
+def match_lengths(arrays: list[np.ndarray], paths: list, sr: int, pad: bool = False) -> list[np.ndarray]:
+    """(C, L) stems -> one common length: cut to the shortest when they differ by at most
+    `duotok.corpus.LENGTH_TOLERANCE_S`, zero-padded to the longest with `pad`, else an `AudioError`."""
+    from duotok.audio import AudioError
+    from duotok.corpus import LENGTH_TOLERANCE_S
+    lens = [a.shape[-1] for a in arrays]
+    if max(lens) - min(lens) <= LENGTH_TOLERANCE_S * sr: return [a[:, :min(lens)] for a in arrays]
+    if pad: return [np.pad(a, ((0, 0), (0, max(lens) - a.shape[-1]))) for a in arrays]
+    raise AudioError("stems differ in length: " + ", ".join(f"{p} {n / sr:.2f} s" for p, n in zip(paths, lens))
+                     + f" (more than {LENGTH_TOLERANCE_S} s apart): trim them to one length, or pass --pad to "
+                     "zero-pad the shorter ones")
+
+
+def load_song_stems(folder: str | Path, pad: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """(vocals (C, L), accompaniment (C, L), sr) from a folder of stems; accompaniment = `accompaniment.*`
     or the sum of `drums`, `bass`, `other` (then both are mono). Stems are resampled to the vocals' rate and
-    cut to the shortest."""
+    brought to one length by `match_lengths`."""
     from duotok.audio import load_audio
     folder = Path(folder)
     v = _find_stem(folder, "vocals")
@@ -35,16 +49,16 @@ def load_song_stems(folder: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
     a = _find_stem(folder, "accompaniment")
     if a is not None:
         acc, _ = load_audio(a, sr=sr)
+        voc, acc = match_lengths([voc, acc], [v, a], sr, pad)
     else:
         parts = [_find_stem(folder, n) for n in ("drums", "bass", "other")]
         if not any(parts):
             raise FileNotFoundError(f"{folder}: no accompaniment.* and none of drums/bass/other")
-        stems = [load_audio(p, sr=sr, mono=True)[0] for p in parts if p is not None]
-        n = min(s.shape[-1] for s in stems)
-        acc = sum(s[:, :n] for s in stems)                              # (1, n): the tokenizer downmixes anyway
-        voc = voc.mean(0, keepdims=True)
-    n = min(voc.shape[-1], acc.shape[-1])
-    return voc[:, :n], acc[:, :n], sr
+        found = [p for p in parts if p is not None]
+        voc, *stems = match_lengths([voc.mean(0, keepdims=True)] + [load_audio(p, sr=sr, mono=True)[0] for p in found],
+                                    [v] + found, sr, pad)
+        acc = sum(stems)                                                # (1, n): the tokenizer downmixes anyway
+    return voc, acc, sr
 
 
 def cmd_encode(args) -> int:
@@ -65,9 +79,10 @@ def cmd_encode(args) -> int:
     total_audio, t0 = 0.0, time.time()
     for folder, dest in tqdm(jobs, desc="songs", unit="song", disable=len(jobs) < 2):
         if folder is None:
-            v, sr = load_audio(args.vocals); a, sr_a = load_audio(args.accompaniment, sr=sr)
+            v, sr = load_audio(args.vocals); a, _ = load_audio(args.accompaniment, sr=sr)
+            v, a = match_lengths([v, a], [args.vocals, args.accompaniment], sr, args.pad)
         else:
-            v, a, sr = load_song_stems(folder)
+            v, a, sr = load_song_stems(folder, args.pad)
         t = tok.encode(v, a, sr, progress=not args.quiet)
         t.save(dest)
         total_audio += v.shape[-1] / sr
@@ -136,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--chunk-s", type=float, default=None, help="window length in s (0 = full context)")
     e.add_argument("--context-s", type=float, default=None, help="extra context on each side of a window, s")
+    e.add_argument("--pad", action="store_true", help="zero-pad stems shorter than the longest (default: refuse "
+                   "stems more than 0.05 s apart)")
     e.add_argument("--device", default="cpu"); e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(fn=cmd_encode)
     d = sub.add_parser("decode", help="token file(s) -> 48 kHz vocals / accompaniment / mix")

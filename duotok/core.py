@@ -22,7 +22,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['seed_everything', 'freeze', 'assert_frozen', 'count_parameters', 'check_shape', 'atomic_write', 'atomic_path',
            'atomic_write_text', 'atomic_write_json', 'atomic_save_npy', 'git_sha', 'in_notebook', 'is_main',
-           'project_root']
+           'project_root', 'InputError']
 
 # %% ../nbs/00_core.ipynb #acaf0cb3
 def seed_everything(seed: int) -> None:
@@ -64,14 +64,18 @@ def check_shape(x: torch.Tensor | np.ndarray, pattern: str, name: str = "tensor"
     return dims
 
 # %% ../nbs/00_core.ipynb #99344a95
+def _default_mode() -> int:
+    "The mode `open()` gives a new file: 0o666 minus the umask."
+    umask = os.umask(0); os.umask(umask)
+    return 0o666 & ~umask
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     "Open a temp file beside `path` for writing; on success it atomically replaces `path`."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0); os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give the file the usual permissions
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -90,6 +94,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        os.chmod(tmp, _default_mode())  # some writers (safetensors' save_file) create 0600 files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
@@ -145,3 +150,7 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
     for q in [p, *p.parents]:
         if (q / "params.yaml").exists(): return q
     return p
+
+# %% ../nbs/00_core.ipynb #e2b91f07
+class InputError(ValueError):
+    "Bad input a user can fix; the message says which file or value, what is wrong and what to do."

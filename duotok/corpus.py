@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import unicodedata
@@ -14,15 +15,19 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .audio import AudioError, load_audio
+from .audio import (MAX_DURATION_S, STANDARD_RATES, AudioError, audio_info, check_audio_info,
+                          load_audio)
+from .core import InputError
 
 # %% auto #0
-__all__ = ['STEMS', 'AUDIO_EXTS', 'SPLITS', 'SONG_KEYS', 'RECIPE_KEYS', 'SYLLABLE_KEYS', 'LENGTH_TOLERANCE_S', 'VOCAB',
-           'BLANK_ID', 'UNK_ID', 'SPACE_ID', 'LANG_VOICE', 'WORDS', 'SYLLABLE_WORDS', 'PROGRAMS_OTHER', 'PROGRAMS_BASS',
-           'PROGRAMS_CHORALE', 'MAJOR', 'MINOR', 'POP_PROGRESSIONS', 'RHYTHMS', 'FOLK_LANGS', 'SongError', 'Problem',
-           'Syllable', 'Song', 'song_id', 'discover_songs', 'read_song', 'ValidationReport', 'validate_corpus',
-           'load_stems', 'normalize_lyrics', 'char_ids', 'ids_to_text', 'Part', 'write_midi', 'harmonise', 'accompany',
-           'chorale_source', 'folk_source', 'pop_source', 'timed_syllables', 'write_recipe', 'generate_corpus', 'main']
+__all__ = ['STEMS', 'AUDIO_EXTS', 'SPLITS', 'SONG_KEYS', 'RECIPE_KEYS', 'SYLLABLE_KEYS', 'LENGTH_TOLERANCE_S', 'MIXTURE_NAMES',
+           'MAX_SONG_JSON_BYTES', 'SILENT_DBFS', 'VOCAB', 'BLANK_ID', 'UNK_ID', 'SPACE_ID', 'LANG_VOICE', 'WORDS',
+           'SYLLABLE_WORDS', 'PROGRAMS_OTHER', 'PROGRAMS_BASS', 'PROGRAMS_CHORALE', 'MAJOR', 'MINOR',
+           'POP_PROGRESSIONS', 'RHYTHMS', 'FOLK_LANGS', 'VALIDATE_EXIT_CODES', 'SongError', 'Problem', 'Syllable',
+           'Song', 'song_id', 'is_safe_id', 'discover_songs', 'normalize_lyrics', 'char_ids', 'lyric_oov',
+           'ids_to_text', 'read_song', 'ValidationReport', 'validate_corpus', 'load_stems', 'Part', 'write_midi',
+           'harmonise', 'accompany', 'chorale_source', 'folk_source', 'pop_source', 'timed_syllables', 'write_recipe',
+           'generate_corpus', 'main']
 
 # %% ../nbs/10_corpus.ipynb #8cfc1d23
 STEMS = ("vocals", "drums", "bass", "other")
@@ -32,9 +37,12 @@ SONG_KEYS = {"title", "source", "licence", "license", "artist", "language", "spl
 RECIPE_KEYS = {"voice", "vocal_gain_db", "duration_s", "tempo_bpm", "key", "programs", "kind", "voice_gender", "transpose"}
 SYLLABLE_KEYS = {"text", "start", "end", "word", "pitch"}
 LENGTH_TOLERANCE_S = 0.05   # stems may differ by this much (padded with zeros); more is an error
+MIXTURE_NAMES = ("mixture", "mix")   # a mixture file alone is reported (stems are needed), beside stems ignored
+MAX_SONG_JSON_BYTES = 1 << 20
+SILENT_DBFS = -60.0         # a song whose every stem peaks below this is warned about
 
-class SongError(ValueError):
-    "A song folder is unusable; the message names the file and the problem."
+class SongError(InputError):
+    "A song folder or corpus is unusable; the message names the file and the problem."
 
 @dataclass(frozen=True)
 class Problem:
@@ -43,7 +51,7 @@ class Problem:
     path: str
     message: str
     level: str = "error"
-    def __str__(self): return f"[{self.level}] {self.song}: {self.path}: {self.message}"
+    def __str__(self): return f"[{self.level}] {self.song or '(corpus)'}: {self.path}: {self.message}"
 
 @dataclass(frozen=True)
 class Syllable:
@@ -73,22 +81,31 @@ class Song:
 # %% ../nbs/10_corpus.ipynb #21dabae4
 def song_id(dir: Path, root: Path) -> str:
     rel = Path(dir).resolve().relative_to(Path(root).resolve())
-    sid = "__".join(rel.parts) if rel.parts else Path(dir).name
+    sid = "__".join(rel.parts) if rel.parts else Path(dir).resolve().name
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", sid)
 
-def _stem_file(d: Path, stem: str) -> Path | None:
+def is_safe_id(sid: str) -> bool:
+    "A song id that is one plain folder name: not empty, no separator, not hidden (so never `.` or `..`)."
+    return bool(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", sid))
+
+def _audio_file(d: Path, name: str) -> Path | None:
     for ext in AUDIO_EXTS:
-        for name in (stem + ext, stem + ext.upper()):
-            if (d / name).exists(): return d / name
+        for fname in (name + ext, name + ext.upper()):
+            if (d / fname).exists(): return d / fname
     return None
 
+def _stem_file(d: Path, stem: str) -> Path | None: return _audio_file(d, stem)
+
+def _mixture_file(d: Path) -> Path | None:
+    return next((p for p in (_audio_file(d, m) for m in MIXTURE_NAMES) if p is not None), None)
+
 def _is_song_dir(d: Path) -> bool:
-    return (d / "song.json").exists() or any(_stem_file(d, s) for s in STEMS)
+    return (d / "song.json").exists() or any(_stem_file(d, s) for s in STEMS) or _mixture_file(d) is not None
 
 def discover_songs(root: str | os.PathLike) -> list[Path]:
     "Song folders under `root`, sorted (deterministic). Raises `SongError` if `root` is missing."
     root = Path(root)
-    if not root.is_dir(): raise SongError(f"{root}: corpus folder not found")
+    if not root.is_dir(): raise SongError(f"{root}: corpus folder not found; give the folder that holds the song folders")
     out = []
     for dirpath, dirnames, _ in os.walk(root):
         dirnames.sort()
@@ -96,165 +113,6 @@ def discover_songs(root: str | os.PathLike) -> list[Path]:
         if _is_song_dir(d):
             out.append(d); dirnames[:] = []   # song folders do not nest
     return sorted(out)
-
-# %% ../nbs/10_corpus.ipynb #5403cf75
-def _split_from_path(dir: Path, root: Path) -> str | None:
-    rel = Path(dir).resolve().relative_to(Path(root).resolve()).parts[:-1]
-    for p in reversed(rel):
-        if p.lower() in ("train", "test", "val", "valid", "validation"):
-            return {"valid": "val", "validation": "val"}.get(p.lower(), p.lower())
-    return None
-
-def _parse_lyrics(lyr, sid: str, path: str, problems: list[Problem]) -> tuple[list[Syllable], str]:
-    if isinstance(lyr, str):
-        if not lyr.strip(): problems.append(Problem(sid, path, "empty lyrics (\"lyrics\" is an empty string)"))
-        return [], lyr.strip()
-    if not isinstance(lyr, list):
-        problems.append(Problem(sid, path, f"\"lyrics\" must be a string or a list of syllables, got {type(lyr).__name__}"))
-        return [], ""
-    if not lyr: problems.append(Problem(sid, path, "empty lyrics (\"lyrics\" is an empty list)")); return [], ""
-    syls, prev_end = [], -1.0
-    for i, s in enumerate(lyr):
-        where = f"{path}: lyrics[{i}]"
-        if not isinstance(s, dict) or "text" not in s:
-            problems.append(Problem(sid, where, "a syllable must be an object with at least \"text\"")); continue
-        unk = set(s) - SYLLABLE_KEYS
-        if unk: problems.append(Problem(sid, where, f"unknown syllable keys {sorted(unk)}; allowed {sorted(SYLLABLE_KEYS)}"))
-        text = str(s["text"])
-        if not text.strip(): problems.append(Problem(sid, where, "empty syllable text"))
-        st, en = s.get("start"), s.get("end")
-        if (st is None) != (en is None): problems.append(Problem(sid, where, "give both \"start\" and \"end\" or neither"))
-        if st is not None and en is not None:
-            try: st, en = float(st), float(en)
-            except (TypeError, ValueError):
-                problems.append(Problem(sid, where, f"start/end must be numbers, got {s.get('start')!r}, {s.get('end')!r}")); continue
-            if not (np.isfinite(st) and np.isfinite(en)) or st < 0 or en <= st:
-                problems.append(Problem(sid, where, f"bad times start={st} end={en} (need 0 <= start < end)"))
-            elif st < prev_end - 1e-6:
-                problems.append(Problem(sid, where, f"syllable starts at {st:.3f} s before the previous one ends ({prev_end:.3f} s)"))
-            prev_end = max(prev_end, en)
-        syls.append(Syllable(text, st, en, int(s.get("word", 0)), s.get("pitch")))
-    words: dict[int, list[str]] = {}
-    for s in syls: words.setdefault(s.word, []).append(s.text.strip())
-    return syls, " ".join("".join(v) for _, v in sorted(words.items()))
-
-def read_song(dir: str | os.PathLike, root: str | os.PathLike | None = None, deep: bool = True) -> tuple[Song | None, list[Problem]]:
-    "Read one song folder; returns the song (None if unusable) and every problem found."
-    dir = Path(dir); root = Path(root) if root is not None else dir.parent
-    sid = song_id(dir, root); problems: list[Problem] = []
-    meta: dict = {}
-    jp = dir / "song.json"
-    if jp.exists():
-        try: meta = json.loads(jp.read_text(encoding="utf-8"))
-        except Exception as e: problems.append(Problem(sid, str(jp), f"unreadable JSON ({e})")); meta = None
-        if meta is not None and not isinstance(meta, dict):
-            problems.append(Problem(sid, str(jp), "song.json must hold a JSON object")); meta = None
-        if meta is None: return None, problems
-        unk = set(meta) - SONG_KEYS
-        if unk: problems.append(Problem(sid, str(jp), f"unknown keys {sorted(unk)}; allowed {sorted(SONG_KEYS)}"))
-    split = meta.get("split", None) or _split_from_path(dir, root)
-    if split is not None and split not in SPLITS:
-        problems.append(Problem(sid, str(jp), f"split {split!r} not one of {SPLITS}")); split = None
-    kind = "recipe" if "recipe" in meta else "stems"
-    song = Song(sid, dir, kind, meta, split=split, language=str(meta.get("language", "") or ""))
-    if "lyrics" in meta:
-        song.syllables, song.lyrics_text = _parse_lyrics(meta["lyrics"], sid, str(jp), problems)
-    if kind == "recipe":
-        rec = meta["recipe"]
-        if not isinstance(rec, dict): problems.append(Problem(sid, str(jp), "\"recipe\" must be an object"))
-        else:
-            unk = set(rec) - RECIPE_KEYS
-            if unk: problems.append(Problem(sid, str(jp), f"unknown recipe keys {sorted(unk)}; allowed {sorted(RECIPE_KEYS)}"))
-        for stem in STEMS:
-            p = dir / f"{stem}.mid"
-            if not p.exists(): problems.append(Problem(sid, str(p), f"missing MIDI part for stem '{stem}'")); continue
-            if deep:
-                try:
-                    import mido
-                    mido.MidiFile(str(p))
-                except Exception as e: problems.append(Problem(sid, str(p), f"unreadable MIDI ({e})")); continue
-            song.parts[stem] = p
-        if song.syllables and any(s.start is None for s in song.syllables):
-            problems.append(Problem(sid, str(jp), "recipe lyrics need start/end times for every syllable"))
-        if "lyrics" not in meta: problems.append(Problem(sid, str(jp), "recipe has no lyrics"))
-    else:
-        infos = {}
-        for stem in STEMS:
-            p = _stem_file(dir, stem)
-            if p is None:
-                problems.append(Problem(sid, str(dir / f"{stem}.wav"), f"missing stem '{stem}' (.wav or .flac)")); continue
-            try:
-                i = sf.info(str(p))
-                if i.frames <= 0: raise AudioError(f"{p}: no samples")
-                if deep:                        # full read: truncation, NaN/Inf, channels
-                    x, _ = load_audio(p)
-                    if x.shape[1] < i.frames:
-                        raise AudioError(f"{p}: truncated: header says {i.frames} frames, only {x.shape[1]} readable")
-                elif i.channels > 2: raise AudioError(f"{p}: {i.channels} channels; expected mono or stereo (at most 2)")
-            except AudioError as e: problems.append(Problem(sid, str(p), str(e).replace(f"{p}: ", ""))); continue
-            except Exception as e: problems.append(Problem(sid, str(p), f"unreadable or truncated audio ({e})")); continue
-            song.stems[stem] = p; infos[stem] = (i.frames / i.samplerate, i.samplerate)
-            if i.samplerate < 22050:
-                problems.append(Problem(sid, str(p), f"low sample rate {i.samplerate} Hz: resampled, band-limited below {i.samplerate // 2} Hz", "warning"))
-        if len(infos) > 1:
-            durs = {k: v[0] for k, v in infos.items()}
-            if max(durs.values()) - min(durs.values()) > LENGTH_TOLERANCE_S:
-                problems.append(Problem(sid, str(dir), "stem length mismatch: " + ", ".join(f"{k} {v:.3f} s" for k, v in durs.items())
-                                        + f" (tolerance {LENGTH_TOLERANCE_S} s)"))
-        if infos and song.syllables:
-            dur = max(v[0] for v in infos.values())
-            late = [s for s in song.syllables if s.end is not None and s.end > dur + LENGTH_TOLERANCE_S]
-            if late: problems.append(Problem(sid, str(jp), f"{len(late)} syllables end after the audio ({dur:.2f} s), first '{late[0].text}' at {late[0].end:.2f} s"))
-    ok = not any(p.level == "error" for p in problems)
-    return (song if ok else None), problems
-
-# %% ../nbs/10_corpus.ipynb #1fe0f581
-@dataclass
-class ValidationReport:
-    songs: list[Song]
-    problems: list[Problem]
-    n_found: int
-    @property
-    def errors(self) -> list[Problem]: return [p for p in self.problems if p.level == "error"]
-    @property
-    def rejected(self) -> dict[str, list[str]]:
-        "song id -> the reasons it was rejected."
-        ok = {s.id for s in self.songs}; out: dict[str, list[str]] = {}
-        for p in self.errors:
-            if p.song not in ok: out.setdefault(p.song, []).append(f"{p.path}: {p.message}")
-        return out
-    def format(self) -> str:
-        lines = [f"{self.n_found} song folders, {len(self.songs)} usable, {len(self.rejected)} rejected, "
-                 f"{len(self.errors)} errors, {len(self.problems) - len(self.errors)} warnings"]
-        return "\n".join(lines + [str(p) for p in self.problems])
-
-def validate_corpus(root: str | os.PathLike, deep: bool = True, max_songs: int = 0) -> ValidationReport:
-    """Read every song folder under `root` (or `max_songs` of them, evenly spread over the sorted list);
-    never raises for a bad song (it is listed instead)."""
-    dirs = discover_songs(root)
-    if max_songs: dirs = dirs[::max(len(dirs) // max_songs, 1)][:max_songs]   # spread over the corpus
-    songs, problems = [], []
-    for d in dirs:
-        try: s, p = read_song(d, root, deep=deep)
-        except Exception as e: s, p = None, [Problem(song_id(d, root), str(d), f"could not be read ({type(e).__name__}: {e})")]
-        problems += p
-        if s is not None: songs.append(s)
-    ids = [s.id for s in songs]
-    if len(set(ids)) != len(ids): raise SongError(f"{root}: duplicate song ids {sorted({i for i in ids if ids.count(i) > 1})}")
-    return ValidationReport(songs, problems, len(dirs))
-
-# %% ../nbs/10_corpus.ipynb #e0cce9ea
-def load_stems(song: Song, sr: int) -> dict[str, np.ndarray]:
-    "Stem name -> (N,) float32 mono at `sr`, all the same length. Raises `SongError`/`AudioError`."
-    out = {}
-    for stem in STEMS:
-        if stem not in song.stems: raise SongError(f"{song.dir}: missing stem '{stem}'")
-        x, _ = load_audio(song.stems[stem], sr=sr, mono=True)
-        out[stem] = x[0]
-    n = max(len(v) for v in out.values())
-    if n - min(len(v) for v in out.values()) > LENGTH_TOLERANCE_S * sr + 2:
-        raise SongError(f"{song.dir}: stem length mismatch " + ", ".join(f"{k} {len(v) / sr:.3f} s" for k, v in out.items()))
-    return {k: np.pad(v, (0, n - len(v))) for k, v in out.items()}
 
 # %% ../nbs/10_corpus.ipynb #6024dc57
 _LATIN = "abcdefghijklmnopqrstuvwxyz"
@@ -281,8 +139,267 @@ def char_ids(text: str, normalized: bool = False) -> list[int]:
     t = text if normalized else normalize_lyrics(text)
     return [_CHAR_ID.get(c, UNK_ID) for c in t]
 
+def lyric_oov(text: str) -> tuple[list[str], list[str]]:
+    """Characters of `text` the vocabulary lacks, each once, in order: (letters that become `<unk>`,
+    symbols that normalisation drops, such as emoji). Punctuation, digits and spaces are not listed."""
+    unk, dropped = [], []
+    for c in unicodedata.normalize("NFC", text).lower().replace("’", "'").replace("`", "'"):
+        cat = unicodedata.category(c)
+        if cat[0] in "LM" and c not in _CHAR_ID and c not in unk: unk.append(c)
+        elif cat[0] == "S" and c not in dropped: dropped.append(c)
+    return unk, dropped
+
 def ids_to_text(ids) -> str:
     return "".join(VOCAB[int(i)] if int(i) != UNK_ID else "?" for i in ids if int(i) != BLANK_ID)
+
+# %% ../nbs/10_corpus.ipynb #5403cf75
+def _split_from_path(dir: Path, root: Path) -> str | None:
+    rel = Path(dir).resolve().relative_to(Path(root).resolve()).parts[:-1]
+    for p in reversed(rel):
+        if p.lower() in ("train", "test", "val", "valid", "validation"):
+            return {"valid": "val", "validation": "val"}.get(p.lower(), p.lower())
+    return None
+
+def _finite(v) -> bool:
+    "A real JSON number (not a bool, not NaN/inf)."
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def _parse_lyrics(lyr, sid: str, path: str, problems: list[Problem]) -> tuple[list[Syllable], str]:
+    if isinstance(lyr, str):
+        if not lyr.strip(): problems.append(Problem(sid, path, "empty lyrics (\"lyrics\" is an empty string)"))
+        return [], lyr.strip()
+    if not isinstance(lyr, list):
+        problems.append(Problem(sid, path, f"\"lyrics\" must be a string or a list of syllables, got {type(lyr).__name__}"))
+        return [], ""
+    if not lyr: problems.append(Problem(sid, path, "empty lyrics (\"lyrics\" is an empty list)")); return [], ""
+    syls, prev_end = [], -1.0
+    for i, s in enumerate(lyr):
+        where = f"{path}: lyrics[{i}]"
+        if not isinstance(s, dict) or "text" not in s:
+            problems.append(Problem(sid, where, "a syllable must be an object with at least \"text\"")); continue
+        unk = set(s) - SYLLABLE_KEYS
+        if unk: problems.append(Problem(sid, where, f"unknown syllable keys {sorted(unk)}; allowed {sorted(SYLLABLE_KEYS)}"))
+        text, word, pitch = s["text"], s.get("word", 0), s.get("pitch")
+        if not isinstance(text, str):
+            problems.append(Problem(sid, where, f"syllable \"text\" must be a string, got {type(text).__name__}")); continue
+        if not text.strip(): problems.append(Problem(sid, where, "empty syllable text"))
+        if not (_finite(word) and word >= 0 and float(word).is_integer()):
+            problems.append(Problem(sid, where, f"\"word\" must be a word index (an integer >= 0), got {word!r}")); word = 0
+        if pitch is not None and not (_finite(pitch) and 0 <= pitch <= 127):
+            problems.append(Problem(sid, where, f"\"pitch\" must be a MIDI note number 0-127 or null, got {pitch!r}")); pitch = None
+        st, en = s.get("start"), s.get("end")
+        if (st is None) != (en is None): problems.append(Problem(sid, where, "give both \"start\" and \"end\" or neither"))
+        if st is not None and en is not None:
+            if not (_finite(st) and _finite(en)):
+                problems.append(Problem(sid, where, f"start/end must be finite numbers (seconds), got {st!r}, {en!r}")); continue
+            st, en = float(st), float(en)
+            if st < 0 or en <= st:
+                problems.append(Problem(sid, where, f"bad times start={st} end={en} (need 0 <= start < end)"))
+            elif st < prev_end - 1e-6:
+                problems.append(Problem(sid, where, f"syllable starts at {st:.3f} s before the previous one ends ({prev_end:.3f} s)"))
+            prev_end = max(prev_end, en)
+        syls.append(Syllable(text, st, en, int(word), pitch))
+    words: dict[int, list[str]] = {}
+    for s in syls: words.setdefault(s.word, []).append(s.text.strip())
+    return syls, " ".join("".join(v) for _, v in sorted(words.items()))
+
+def _read_meta(jp: Path, sid: str, problems: list[Problem]) -> dict | None:
+    "song.json -> dict, or None (with the problem listed) if it is not a readable JSON object."
+    if not jp.is_file(): problems.append(Problem(sid, str(jp), "not a regular file (a folder, pipe or device)")); return None
+    if jp.stat().st_size > MAX_SONG_JSON_BYTES:
+        problems.append(Problem(sid, str(jp), f"{jp.stat().st_size / 2**20:.1f} MB; a song.json is at most "
+                                              f"{MAX_SONG_JSON_BYTES / 2**20:g} MB")); return None
+    try: meta = json.loads(jp.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:       # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problems.append(Problem(sid, str(jp), f"unreadable JSON ({type(e).__name__}: {str(e)[:200]})")); return None
+    if not isinstance(meta, dict): problems.append(Problem(sid, str(jp), "song.json must hold a JSON object")); return None
+    unk = set(meta) - SONG_KEYS
+    if unk: problems.append(Problem(sid, str(jp), f"unknown keys {sorted(unk)}; allowed {sorted(SONG_KEYS)}"))
+    for k in ("title", "source", "licence", "license", "artist", "language", "id"):
+        if meta.get(k) is not None and not isinstance(meta[k], str):
+            problems.append(Problem(sid, str(jp), f"\"{k}\" must be a string, got {type(meta[k]).__name__}"))
+    tags = meta.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        problems.append(Problem(sid, str(jp), "\"tags\" must be a list of strings"))
+    return meta
+
+def _check_recipe(rec, sid: str, jp: Path, problems: list[Problem]) -> None:
+    "The recipe values `render` uses: an espeak-ng voice name, a duration and a vocal gain in range."
+    if not isinstance(rec, dict): problems.append(Problem(sid, str(jp), "\"recipe\" must be an object")); return
+    unk = set(rec) - RECIPE_KEYS
+    if unk: problems.append(Problem(sid, str(jp), f"unknown recipe keys {sorted(unk)}; allowed {sorted(RECIPE_KEYS)}"))
+    voice, dur, gain = rec.get("voice", "en-us"), rec.get("duration_s"), rec.get("vocal_gain_db", 0.0)
+    if not (isinstance(voice, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}", voice)):
+        problems.append(Problem(sid, str(jp), f"recipe \"voice\" {voice!r} is not an espeak-ng voice name (like 'en-us+f3')"))
+    if dur is not None and not (_finite(dur) and 0 < dur <= MAX_DURATION_S):
+        problems.append(Problem(sid, str(jp), f"recipe \"duration_s\" must be a number of seconds in (0, {MAX_DURATION_S:g}], got {dur!r}"))
+    if not (_finite(gain) and -60 <= gain <= 60):
+        problems.append(Problem(sid, str(jp), f"recipe \"vocal_gain_db\" must be a number in [-60, 60], got {gain!r}"))
+
+def _check_midi(p: Path) -> float:
+    "Length in seconds of a readable MIDI part; raises `SongError` for a non-file, unreadable or overlong one."
+    import mido
+    if not p.is_file(): raise SongError(f"{p}: not a regular file (a folder, pipe or device)")
+    try: length = float(mido.MidiFile(str(p)).length)
+    except Exception as e: raise SongError(f"{p}: unreadable MIDI ({type(e).__name__}: {str(e)[:200]})") from None
+    if not length <= MAX_DURATION_S: raise SongError(f"{p}: the MIDI part lasts {length:.0f} s; at most {MAX_DURATION_S:g} s")
+    return length
+
+def _problem(sid: str, p: Path, e: Exception, level: str = "error") -> Problem:
+    "A `Problem` from an error whose message starts with the file name."
+    return Problem(sid, str(p), str(e).removeprefix(f"{p}: "), level)
+
+def read_song(dir: str | os.PathLike, root: str | os.PathLike | None = None, deep: bool = True) -> tuple[Song | None, list[Problem]]:
+    "Read one song folder; returns the song (None if unusable) and every problem found."
+    dir = Path(dir); root = Path(root) if root is not None else dir.parent
+    sid = song_id(dir, root); problems: list[Problem] = []
+    meta: dict = {}
+    jp = dir / "song.json"
+    if jp.exists() or jp.is_symlink():
+        meta = _read_meta(jp, sid, problems)
+        if meta is None: return None, problems
+    split = meta.get("split", None) or _split_from_path(dir, root)
+    if split is not None and (not isinstance(split, str) or split not in SPLITS):
+        problems.append(Problem(sid, str(jp), f"split {split!r} not one of {SPLITS}")); split = None
+    kind = "recipe" if "recipe" in meta else "stems"
+    language = meta.get("language", "")
+    song = Song(sid, dir, kind, meta, split=split, language=language if isinstance(language, str) else "")
+    if "lyrics" in meta:
+        song.syllables, song.lyrics_text = _parse_lyrics(meta["lyrics"], sid, str(jp), problems)
+    if kind == "recipe":
+        _check_recipe(meta["recipe"], sid, jp, problems)
+        for stem in STEMS:
+            p = dir / f"{stem}.mid"
+            if not p.exists(): problems.append(Problem(sid, str(p), f"missing MIDI part for stem '{stem}'")); continue
+            if deep:
+                try: _check_midi(p)
+                except SongError as e: problems.append(_problem(sid, p, e)); continue
+            song.parts[stem] = p
+        if song.syllables and any(s.start is None for s in song.syllables):
+            problems.append(Problem(sid, str(jp), "recipe lyrics need start/end times for every syllable"))
+        if "lyrics" not in meta: problems.append(Problem(sid, str(jp), "recipe has no lyrics"))
+    else:
+        files = {stem: _stem_file(dir, stem) for stem in STEMS}
+        mix = _mixture_file(dir)
+        if mix is not None and not any(files.values()):
+            problems.append(Problem(sid, str(mix), f"only a mixture ({mix.name}), no stems: duotok needs the four stems "
+                                                   f"{', '.join(STEMS)}; separate the mixture into stems first "
+                                                   "(mixture-only songs are not supported yet)"))
+            return None, problems
+        infos, peaks = {}, {}
+        for stem, p in files.items():
+            if p is None:
+                problems.append(Problem(sid, str(dir / f"{stem}.wav"), f"missing stem '{stem}' (.wav or .flac)")); continue
+            try:
+                i = check_audio_info(audio_info(p))        # header: rate, channels, duration, before reading samples
+                if deep:                                   # full read: truncation, NaN/Inf, silence
+                    x, _ = load_audio(p)
+                    if x.shape[1] < i.frames:
+                        raise AudioError(f"{p}: truncated: header says {i.frames} frames, only {x.shape[1]} readable")
+                    peaks[stem] = float(np.abs(x).max())
+            except AudioError as e: problems.append(_problem(sid, p, e)); continue
+            song.stems[stem] = p; infos[stem] = (i.duration, i.sample_rate)
+            if i.sample_rate < 22050:
+                problems.append(Problem(sid, str(p), f"low sample rate {i.sample_rate} Hz: resampled, band-limited below {i.sample_rate // 2} Hz", "warning"))
+            elif i.sample_rate not in STANDARD_RATES:
+                problems.append(Problem(sid, str(p), f"unusual sample rate {i.sample_rate} Hz (a damaged or mislabelled header?): "
+                                                     "it is resampled as given (with soxr); check that the song plays at the right speed", "warning"))
+        if len(infos) > 1:
+            durs = {k: v[0] for k, v in infos.items()}
+            if max(durs.values()) - min(durs.values()) > LENGTH_TOLERANCE_S:
+                problems.append(Problem(sid, str(dir), "stem length mismatch: " + ", ".join(f"{k} {v:.3f} s" for k, v in durs.items())
+                                        + f" (tolerance {LENGTH_TOLERANCE_S} s)"))
+        if infos and song.syllables:
+            dur = max(v[0] for v in infos.values())
+            late = [s for s in song.syllables if s.end is not None and s.end > dur + LENGTH_TOLERANCE_S]
+            if late: problems.append(Problem(sid, str(jp), f"{len(late)} syllables end after the audio ({dur:.2f} s), first '{late[0].text}' at {late[0].end:.2f} s"))
+        if len(peaks) == len(STEMS) and max(peaks.values()) < 10 ** (SILENT_DBFS / 20):
+            problems.append(Problem(sid, str(dir), f"all four stems are silent (peak below {SILENT_DBFS:g} dBFS): "
+                                                   "the song gives nothing to learn; check the files or remove the song", "warning"))
+    unk, dropped = lyric_oov(song.lyrics_text)
+    if unk or dropped:
+        problems.append(Problem(sid, str(jp), "lyrics use characters outside the lyric vocabulary: "
+                                + "; ".join(f"{' '.join(v)} ({what})" for v, what in ((unk, "-> <unk>"), (dropped, "dropped")) if v)
+                                + ": the lyric head cannot learn them (vocabulary: docs/corpus.md)", "warning"))
+    ok = not any(p.level == "error" for p in problems)
+    return (song if ok else None), problems
+
+# %% ../nbs/10_corpus.ipynb #1fe0f581
+@dataclass
+class ValidationReport:
+    songs: list[Song]
+    problems: list[Problem]
+    n_found: int
+    @property
+    def errors(self) -> list[Problem]: return [p for p in self.problems if p.level == "error"]
+    @property
+    def rejected(self) -> dict[str, list[str]]:
+        "song id -> the reasons it was rejected (corpus-wide problems are not listed here)."
+        ok = {s.id for s in self.songs}; out: dict[str, list[str]] = {}
+        for p in self.errors:
+            if p.song and p.song not in ok: out.setdefault(p.song, []).append(f"{p.path}: {p.message}")
+        return out
+    def format(self) -> str:
+        lines = [f"{self.n_found} song folders, {len(self.songs)} usable, {self.n_found - len(self.songs)} rejected, "
+                 f"{len(self.errors)} errors, {len(self.problems) - len(self.errors)} warnings"]
+        return "\n".join(lines + [str(p) for p in self.problems])
+
+def _split_problems(songs: list[Song], root, val_fraction: float, test_fraction: float) -> list[Problem]:
+    "Warnings when the splits preprocess would assign leave `train` or `val` without songs."
+    from duotok.preprocess import assign_splits
+    if not songs: return []
+    split = assign_splits({s.id: s.split for s in songs}, val_fraction, test_fraction)
+    pinned = {k: sum(s.split == k for s in songs) for k in SPLITS if any(s.split == k for s in songs)}
+    return [Problem("", str(root), f"no song would be in the '{need}' split ({len(songs)} usable songs, pinned: "
+                                   f"{pinned or 'none'}): the ssl and finetune stages need train and val segments; "
+                                   "remove \"split\" from some song.json files or add songs", "warning")
+            for need in ("train", "val") if need not in split.values()]
+
+def validate_corpus(root: str | os.PathLike, deep: bool = True, max_songs: int = 0, strict: bool = False,
+                    val_fraction: float = 0.1, test_fraction: float = 0.1) -> ValidationReport:
+    """Read every song folder under `root` (or `max_songs` of them, evenly spread over the sorted list);
+    never raises for a bad song (it is listed instead). Raises `SongError` only if `root` is missing."""
+    dirs = discover_songs(root)
+    if max_songs: dirs = dirs[::max(len(dirs) // max_songs, 1)][:max_songs]   # spread over the corpus
+    ids = {d: song_id(d, root) for d in dirs}
+    holders: dict[str, list[Path]] = {}
+    for d, sid in ids.items(): holders.setdefault(sid, []).append(d)
+    songs, problems = [], []
+    if not dirs:
+        problems.append(Problem("", str(root), "no song folders: a song folder holds the stems vocals, drums, bass, "
+                                               "other (.wav/.flac) or a song.json recipe with MIDI parts (docs/corpus.md)"))
+    for d in dirs:
+        sid = ids[d]
+        try: s, p = read_song(d, root, deep=deep)
+        except Exception as e: s, p = None, [Problem(sid, str(d), f"could not be read ({type(e).__name__}: {e})")]
+        if not is_safe_id(sid):
+            p.append(Problem(sid, str(d), f"the folder name gives the song id {sid!r}, which is not a plain folder name: "
+                                          "rename the folder (letters, digits, '_', '-', '.'; not starting with '.')"))
+        if len(holders[sid]) > 1:
+            others = ", ".join(f"'{o.name}'" for o in holders[sid] if o != d)
+            p.append(Problem(sid, str(d), f"song id {sid!r} is also the id of {others}: folder names that differ only in "
+                                          "characters outside [A-Za-z0-9_.-] collide; rename one of them"))
+        problems += p
+        if s is not None and not any(q.level == "error" for q in p): songs.append(s)
+    problems += _split_problems(songs, root, val_fraction, test_fraction)
+    if strict:
+        problems = [Problem(p.song, p.path, p.message, "error") for p in problems]
+        bad = {p.song for p in problems}
+        songs = [s for s in songs if s.id not in bad]
+    return ValidationReport(songs, problems, len(dirs))
+
+# %% ../nbs/10_corpus.ipynb #e0cce9ea
+def load_stems(song: Song, sr: int) -> dict[str, np.ndarray]:
+    "Stem name -> (N,) float32 mono at `sr`, all the same length. Raises `SongError`/`AudioError`."
+    out = {}
+    for stem in STEMS:
+        if stem not in song.stems: raise SongError(f"{song.dir}: missing stem '{stem}'")
+        x, _ = load_audio(song.stems[stem], sr=sr, mono=True)
+        out[stem] = x[0]
+    n = max(len(v) for v in out.values())
+    if n - min(len(v) for v in out.values()) > LENGTH_TOLERANCE_S * sr + 2:
+        raise SongError(f"{song.dir}: stem length mismatch " + ", ".join(f"{k} {len(v) / sr:.3f} s" for k, v in out.items()))
+    return {k: np.pad(v, (0, n - len(v))) for k, v in out.items()}
 
 # %% ../nbs/10_corpus.ipynb #4a92e68e
 LANG_VOICE = {"en": "en-us", "de": "de", "fr": "fr-fr", "it": "it", "es": "es", "nl": "nl", "ru": "ru"}
@@ -574,21 +691,32 @@ def generate_corpus(out: str | os.PathLike, n_songs: int = 160, seed: int = 0,
     return ids
 
 # %% ../nbs/10_corpus.ipynb #81187c02
+VALIDATE_EXIT_CODES = """exit status:
+  0  every song folder is usable (warnings may be printed)
+  1  some song is rejected (with --strict: or anything is warned about)
+  2  nothing is usable: the folder is missing, holds no song folder, or every song is rejected"""
+
 def main(argv=None) -> int:
-    import argparse
+    import argparse, sys
     ap = argparse.ArgumentParser(prog="python -m duotok.corpus")
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="write recipe folders (deterministic in --n-songs, --seed)")
     g.add_argument("--n-songs", type=int, default=160); g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="data/songs")
-    v = sub.add_parser("validate", help="report every problem of every song")
-    v.add_argument("root", nargs="?", default="data/songs"); v.add_argument("--shallow", action="store_true")
+    v = sub.add_parser("validate", help="report every problem of every song", epilog=VALIDATE_EXIT_CODES,
+                       description="Report every problem of every song folder under ROOT; never writes there.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("root", nargs="?", default="data/songs")
+    v.add_argument("--shallow", action="store_true", help="read headers only (faster; misses NaN, truncation, silence)")
+    v.add_argument("--strict", action="store_true", help="treat warnings as errors")
     a = ap.parse_args(argv)
     if a.cmd == "generate":
         ids = generate_corpus(a.out, a.n_songs, a.seed)
         print(f"wrote {len(ids)} recipes to {a.out}"); return 0
-    rep = validate_corpus(a.root, deep=not a.shallow)
-    print(rep.format()); return 1 if rep.errors else 0
+    try: rep = validate_corpus(a.root, deep=not a.shallow, strict=a.strict)
+    except SongError as e: print(f"error: {e}", file=sys.stderr); return 2
+    print(rep.format())
+    return 2 if not rep.songs else 1 if rep.errors else 0
 
 # %% ../nbs/10_corpus.ipynb #200eb89a
 from .core import is_main

@@ -17,8 +17,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .audio import chroma, load_audio, log_mel, resample
-from .core import atomic_write_json
+from .audio import MAX_DURATION_S, chroma, load_audio, log_mel, resample
+from .core import InputError, atomic_write_json
 from .corpus import SPACE_ID, STEMS, UNK_ID, VOCAB, char_ids, normalize_lyrics
 
 # %% auto #0
@@ -26,8 +26,8 @@ __all__ = ['FIELDS_F32', 'ALL_FIELDS', 'PreprocessError', 'SegmentSpec', 'segmen
            'active_seconds', 'assign_splits', 'write_shards', 'preprocess_corpus']
 
 # %% ../nbs/12_preprocess.ipynb #5ff66a42
-class PreprocessError(RuntimeError):
-    "Preprocessing cannot go on (for example a rejection with `fatal_rejections: true`)."
+class PreprocessError(InputError, RuntimeError):
+    "Preprocessing cannot go on with this corpus (for example a rejection with `fatal_rejections: true`)."
 
 @dataclass(frozen=True)
 class SegmentSpec:
@@ -95,7 +95,8 @@ def process_song(song_dir: Path, sid: str, spec: SegmentSpec, out_dir: Path) -> 
     song_dir, out_dir = Path(song_dir), Path(out_dir)
     st48 = {}
     for s in STEMS:
-        x, sr = load_audio(song_dir / f"{s}.flac", sr=spec.sr48, mono=True)
+        # render's outputs: songs validated to <= MAX_DURATION_S, plus render's tail and stem padding
+        x, sr = load_audio(song_dir / f"{s}.flac", sr=spec.sr48, mono=True, max_duration_s=MAX_DURATION_S + 60)
         st48[s] = x[0]
     n = min(len(v) for v in st48.values())
     st48 = {k: v[:n] for k, v in st48.items()}
@@ -259,6 +260,14 @@ def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: st
         raise PreprocessError(f"no usable song in {render_root} ({len(rejected)} rejected: "
                               + "; ".join(f"{k}: {v[0]}" for k, v in list(rejected.items())[:5]) + ")")
     split = assign_splits({s: songs[s].get("split") for s in sorted(results)}, val_fraction, test_fraction, seed)
+    empty = [k for k in ("train", "val") if not any(results[s]["n"] for s in results if split[s] == k)]
+    if empty:
+        shutil.rmtree(out)
+        pinned = Counter(songs[s].get("split") for s in results if songs[s].get("split"))
+        raise PreprocessError(f"{render_root}: no segment in the {' and '.join(repr(k) for k in empty)} split "
+                              f"({len(results)} usable songs; songs per split {dict(Counter(split.values()))}; pinned in "
+                              f"song.json: {dict(pinned) or 'none'}): ssl and finetune need train and val segments; "
+                              "remove \"split\" from some song.json files or add songs")
     width = max([r["lyric_width"] for r in results.values()] + [1])
     manifest_splits = {}
     for name in ("train", "val", "test"):

@@ -22,17 +22,17 @@ import soundfile as sf
 
 from .audio import load_audio, resample
 from .core import atomic_write_json
-from .corpus import (STEMS, Problem, Song, SongError, Syllable, char_ids, load_stems, normalize_lyrics,
-                           validate_corpus)
+from .corpus import (STEMS, Problem, Song, SongError, Syllable, char_ids, is_safe_id, load_stems,
+                           normalize_lyrics, validate_corpus)
 
 SR = 48000
 RENDER_VERSION = 5      # bump when the renderer's output changes
 
 # %% auto #0
-__all__ = ['SR', 'RENDER_VERSION', 'Q24', 'GAP_S', 'TAIL_S', 'FP_MS', 'SYLLABLE_CACHE', 'N_MCEP', 'import_pyworld', 'quantize24',
-           'write_stems', 'lyric_timing', 'midi_events', 'midi_notes', 'render_parts', 'note_f0', 'sing_syllable',
-           'sing', 'F0Check', 'f0_track', 'f0_check', 'RenderSettings', 'song_hash', 'render_song', 'is_current',
-           'render_corpus']
+__all__ = ['SR', 'RENDER_VERSION', 'Q24', 'GAP_S', 'TAIL_S', 'FP_MS', 'SYLLABLE_CACHE', 'N_MCEP', 'ESPEAK_TIMEOUT_S',
+           'import_pyworld', 'run_tool', 'quantize24', 'write_stems', 'lyric_timing', 'midi_events', 'midi_notes',
+           'render_parts', 'note_f0', 'sing_syllable', 'sing', 'F0Check', 'f0_track', 'f0_check', 'RenderSettings',
+           'song_hash', 'render_song', 'is_current', 'render_corpus']
 
 # %% ../nbs/11_render.ipynb #761b6b0a
 def import_pyworld():
@@ -45,6 +45,13 @@ def import_pyworld():
         sys.modules["pkg_resources"] = m
     import pyworld
     return pyworld
+
+def run_tool(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run an external tool with stdin = /dev/null (it can never wait for the terminal) and a time limit;
+    stdout/stderr captured as bytes. Raises `RuntimeError` naming the tool if it is missing or times out."""
+    try: return subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired: raise RuntimeError(f"{args[0]} did not finish within {timeout:g} s") from None
+    except FileNotFoundError: raise RuntimeError(f"{args[0]} not found: install it (apt-packages.txt)") from None
 
 # %% ../nbs/11_render.ipynb #dde8de96
 Q24 = float(2 ** 23)
@@ -140,10 +147,10 @@ def render_parts(parts: dict[str, Path], length_s: float, soundfont: str, gain: 
     with tempfile.TemporaryDirectory() as td:
         mp, wp = Path(td) / "all.mid", Path(td) / "all.wav"
         mid.save(str(mp))
-        r = subprocess.run(["fluidsynth", "-ni", "-g", str(gain), "-r", str(SR), "-F", str(wp), "-T", "wav", "-O", "float",
-                            soundfont, str(mp)],
-                           capture_output=True, text=True, timeout=120 + 10 * len(names) * span)
-        if r.returncode != 0 or not wp.exists(): raise RuntimeError(f"fluidsynth failed: {r.stderr[-500:]}")
+        r = run_tool(["fluidsynth", "-ni", "-g", str(gain), "-r", str(SR), "-F", str(wp), "-T", "wav", "-O", "float",
+                      soundfont, str(mp)], timeout=120 + 10 * len(names) * span)
+        if r.returncode != 0 or not wp.exists():
+            raise RuntimeError(f"fluidsynth failed: {r.stderr.decode(errors='replace')[-500:]}")
         x, sr = sf.read(str(wp), dtype="float32", always_2d=True)
     assert sr == SR
     x = x.mean(1); n = int(round(length_s * SR)); out = {}
@@ -158,6 +165,7 @@ FP_MS = 5.0          # WORLD frame period
 
 SYLLABLE_CACHE: Path | None = None   # set by `render_corpus`: on-disk cache of analysed syllables
 N_MCEP = 60
+ESPEAK_TIMEOUT_S = 60.0
 
 @lru_cache(maxsize=4096)
 def _espeak_analysis(text: str, voice: str, speed: int = 150):
@@ -170,8 +178,9 @@ def _espeak_analysis(text: str, voice: str, speed: int = 150):
     if cp is not None and cp.exists():
         z = np.load(cp); f0, csp, cap, sr = z["f0"].astype(np.float64), z["csp"].astype(np.float64), z["cap"].astype(np.float64), int(z["sr"])
     else:
-        r = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], capture_output=True)
-        if r.returncode != 0 or not r.stdout: raise RuntimeError(f"espeak-ng failed for voice {voice!r}: {r.stderr[-300:]!r}")
+        r = run_tool(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", "--", text], ESPEAK_TIMEOUT_S)  # "--": text, never options
+        if r.returncode != 0 or not r.stdout:
+            raise RuntimeError(f"espeak-ng failed for syllable {text!r} with voice {voice!r}: {r.stderr.decode(errors='replace')[-300:]}")
         x, sr = sf.read(io.BytesIO(r.stdout), dtype="float64")
         if x.ndim > 1: x = x.mean(1)
         e = np.abs(x); idx = np.where(e > 0.02 * max(e.max(), 1e-9))[0]
@@ -314,7 +323,10 @@ def render_song(song: Song, out_dir: Path, settings: RenderSettings = RenderSett
     if song.kind == "stems":
         stems = load_stems(song, SR)
     else:
-        length = float(rec.get("duration_s") or max(n[1] for n in midi_notes(song.parts["vocals"]))) + TAIL_S
+        ends = [n[1] for n in midi_notes(song.parts["vocals"])]
+        if not (rec.get("duration_s") or ends):
+            raise SongError(f"{song.parts['vocals']}: no notes and no recipe duration_s: nothing gives the song a length")
+        length = float(rec.get("duration_s") or max(ends)) + TAIL_S
         stems = render_parts({s: song.parts[s] for s in ("drums", "bass", "other")}, length, settings.soundfont)
         notes = midi_notes(song.parts["vocals"])
         voice = rec.get("voice", "en-us")
@@ -362,6 +374,7 @@ def _work(args):
 def _materialise(src: Path, dst: Path) -> None:
     "Make `dst` hold the files of `src` (hard links; copies across file systems)."
     import shutil
+    if not is_safe_id(dst.name): raise SongError(f"{dst}: not a plain song folder name; refusing to replace it")
     if dst.exists(): shutil.rmtree(dst)
     dst.mkdir(parents=True)
     for f in src.iterdir():
@@ -384,6 +397,11 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
     t0 = time.time(); out_root = Path(out_root)
     cache = Path(cache_root) if cache_root is not None else out_root.parent / ".render_cache"
     rep = validate_corpus(songs_dir, deep=True, max_songs=max_songs)
+    if not rep.songs:                                     # refuse before anything under out_root is touched
+        for p in rep.problems: log(str(p))
+        raise SongError(f"{songs_dir}: no usable song among {rep.n_found} song folders: "
+                        + "; ".join(f"{p.path}: {p.message}" if p.song else p.message for p in rep.errors[:3])
+                        + f"; `python -m duotok.corpus validate {songs_dir}` lists every problem")
     (out_root / "songs").mkdir(parents=True, exist_ok=True); (cache / "songs").mkdir(parents=True, exist_ok=True)
     SYLLABLE_CACHE = cache / "syllables"
     for p in rep.problems: log(str(p))

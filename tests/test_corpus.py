@@ -39,7 +39,9 @@ def test_musdb_layout_loads_as_is(tmp_path):
     (tmp_path / "train" / "Artist - Title" / "mixture.wav").write_bytes(b"ignored")
     rep = validate_corpus(tmp_path)
     assert [s.id for s in rep.songs] == ["test__Other_Song", "train__Artist_-_Title"]
-    assert [s.split for s in rep.songs] == ["test", "train"] and not rep.problems
+    assert [s.split for s in rep.songs] == ["test", "train"] and not rep.errors
+    # one train song cannot also give a val split: the only finding is that corpus-wide warning
+    assert [(p.song, p.level) for p in rep.problems] == [("", "warning")] and "'val' split" in rep.problems[0].message
     x = load_stems(rep.songs[1], 48000)
     assert all(v.shape == (96000,) and v.dtype == np.float32 for v in x.values())
 

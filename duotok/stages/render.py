@@ -3,14 +3,16 @@
 # %% ../../nbs/14_stage_render.ipynb #fdbdf1fd
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..config import Params
+from ..core import InputError
 from ..render import render_corpus
 from ..stage import is_main, stage_main
 
 # %% auto #0
-__all__ = ['run']
+__all__ = ['run', 'main']
 
 # %% ../../nbs/14_stage_render.ipynb #9c9809ae
 def run(params: Params, tracker) -> dict:
@@ -28,4 +30,10 @@ def run(params: Params, tracker) -> dict:
     return metrics
 
 # %% ../../nbs/14_stage_render.ipynb #2e5b7591
-if is_main(__name__): stage_main("render", run)
+def main(argv: list[str] | None = None) -> dict:
+    "`stage_main('render', run)`; unusable input ends with one line on stderr and exit status 2."
+    try: return stage_main("render", run, argv)
+    except InputError as e:
+        print(f"[render] error: {e}", file=sys.stderr); raise SystemExit(2)
+
+if is_main(__name__): main()

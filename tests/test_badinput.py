@@ -1,0 +1,305 @@
+"""Bad input, case by case (issue 17, audio and corpus side): each test feeds one defect, asserts the
+message a user sees (the file, the problem, what to do) and that the input is byte-identical afterwards."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+from duotok.audio import AudioError, _soxr_resample, load_audio, resample, sinc_kernel_size
+from duotok.core import InputError
+from duotok.corpus import STEMS, SongError, main as corpus_main, validate_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fuzz import tree_hash  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+
+
+def make_song(d: Path, sr=22050, secs=1.0, channels=1, meta=None, silent=False, lengths=None, seed=0):
+    d.mkdir(parents=True, exist_ok=True); rng = np.random.default_rng(seed)
+    for s in STEMS:
+        n = int((lengths or {}).get(s, secs) * sr)
+        x = np.zeros((n, channels)) if silent else 0.1 * rng.standard_normal((n, channels))
+        sf.write(d / f"{s}.wav", x.astype("float32"), sr, subtype="FLOAT")
+    if meta is not None: (d / "song.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    return d
+
+
+def msgs(rep, sid):
+    return " | ".join(rep.rejected.get(sid, []))
+
+
+# -- audio: header checks before any allocation, bounded resampling ---------------------------------
+def test_odd_rates_resample_in_bounded_memory(tmp_path):
+    """44,101 and 47,999 Hz used to make torchaudio build a 4-9 GB kernel (gcd 1 with the target rate).
+    Under an address-space cap of 512 MiB above the loaded interpreter they now load, resample and
+    stream through the tokenizer's mel front end (`duotok encode`'s path)."""
+    for rate in (44101, 47999):
+        sf.write(tmp_path / f"x{rate}.wav", (0.1 * np.random.default_rng(0).standard_normal((2 * rate, 2))).astype("float32"), rate, subtype="PCM_16")
+    before = tree_hash(tmp_path)
+    code = textwrap.dedent(f"""
+        import resource, numpy as np
+        from duotok.audio import load_audio
+        from duotok.tokenizer import stream_log_mel
+        vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))
+        audio = dict(encoder_sample_rate=24000, hop_length=240, n_fft=1024, n_mels=128)
+        for rate in (44101, 47999):
+            x, sr = load_audio("{tmp_path}/x%d.wav" % rate, sr=48000)
+            assert x.shape == (2, 96000) and sr == 48000, x.shape
+            y, _ = load_audio("{tmp_path}/x%d.wav" % rate)
+            m = stream_log_mel(y, rate, audio)
+            assert m.shape == (128, 201) and np.isfinite(m.numpy()).all(), m.shape
+        print("ok")""")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert tree_hash(tmp_path) == before
+
+
+def test_absurd_rates_are_refused_from_the_header(tmp_path):
+    sf.write(tmp_path / "ok.wav", np.zeros((8000, 1), "float32"), 8000)
+    b = bytearray((tmp_path / "ok.wav").read_bytes())
+    for rate in (1, 1_000_000):
+        b[24:28] = rate.to_bytes(4, "little"); (tmp_path / f"r{rate}.wav").write_bytes(bytes(b))
+    before = tree_hash(tmp_path)
+    with pytest.raises(AudioError) as e: load_audio(tmp_path / "r1.wav", sr=48000)
+    assert str(e.value) == (f"{tmp_path}/r1.wav: sample rate 1 Hz is outside 8000-384000 Hz (a damaged header?); "
+                            "re-export the file at a standard rate such as 44100 or 48000 Hz")
+    with pytest.raises(AudioError, match="1000000 Hz is outside"): load_audio(tmp_path / "r1000000.wav")
+    assert isinstance(e.value, InputError) and tree_hash(tmp_path) == before
+
+
+def test_soxr_agrees_with_torchaudio_and_standard_rates_are_unchanged():
+    rng = np.random.default_rng(0)
+    for o, n in ((44100, 48000), (22050, 16000), (48000, 24000)):
+        t = np.arange(2 * o) / o
+        x = sum(np.sin(2 * np.pi * f * t + p) for f, p in zip(rng.uniform(50, 0.4 * min(o, n), 10), rng.uniform(0, 6, 10)))
+        x = (x / 10).astype(np.float32)
+        ta = torchaudio.functional.resample(torch.from_numpy(x), o, n, lowpass_filter_width=16, rolloff=0.95,
+                                            resampling_method="sinc_interp_kaiser", beta=8.555).numpy()
+        assert sinc_kernel_size(o, n) < 1 << 20 and np.array_equal(resample(x, o, n), ta)   # default path unchanged
+        sx = _soxr_resample(x, o, n)
+        assert sx.shape == ta.shape and np.abs(sx - ta)[n // 10:-n // 10].max() < 1e-4        # away from the edges
+    t = np.arange(44101) / 44101                                      # soxr path: against the analytic tone
+    y = resample(np.sin(2 * np.pi * 3000 * t).astype(np.float32)[None], 44101, 48000)
+    truth = np.sin(2 * np.pi * 3000 * np.arange(48000) / 48000)
+    assert y.shape == (1, 48000) and np.abs(y[0, 4800:-4800] - truth[4800:-4800]).max() < 1e-4
+    yt = resample(torch.from_numpy(np.sin(2 * np.pi * 3000 * t).astype(np.float32)), 44101, 48000)
+    assert isinstance(yt, torch.Tensor) and torch.allclose(yt, torch.from_numpy(y[0]))
+
+
+def test_stems_that_are_not_regular_files_are_refused_without_waiting(tmp_path):
+    d = make_song(tmp_path / "songs" / "s")
+    (d / "vocals.wav").unlink(); os.mkfifo(d / "vocals.wav")             # opening a pipe would wait forever
+    (d / "drums.wav").unlink(); (d / "drums.wav").symlink_to("/dev/zero")
+    before = tree_hash(tmp_path)
+    rep = validate_corpus(tmp_path / "songs")
+    m = msgs(rep, "s")
+    assert f"{d}/vocals.wav: not a regular file (a folder, pipe or device); give an audio file" in m
+    assert f"{d}/drums.wav: not a regular file" in m and tree_hash(tmp_path) == before
+
+
+# -- render: espeak-ng, ids, empty corpus --------------------------------------------------------------
+def test_syllable_starting_with_dash_is_sung_with_stdin_open():
+    """'-ing' used to reach espeak-ng as an option: with stdin open it waited on the terminal."""
+    code = ("import numpy as np\nfrom duotok.render import sing, Syllable\n"
+            "v = sing([Syllable('-ing', 0.0, 0.5, 0), Syllable('--help', 0.5, 1.0, 1)], [(0.0, 1.0, 69)], 'en-us', 1.1)\n"
+            "print(float(np.abs(v[:24000]).max()), float(np.abs(v[24000:48000]).max()))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV)                        # stdin stays open and empty
+    try: out, err = p.communicate(timeout=120)
+    finally: p.kill()
+    assert p.returncode == 0, err[-2000:]
+    assert all(float(v) > 0.01 for v in out.split()), out            # both syllables sung
+
+
+def test_tools_get_no_terminal_and_a_time_limit():
+    from duotok.render import run_tool
+    with pytest.raises(RuntimeError, match="sleep did not finish within 0.5 s"): run_tool(["sleep", "5"], 0.5)
+    assert run_tool(["cat"], 10).stdout == b""                        # reads /dev/null, returns at once
+
+
+def test_colliding_ids_are_reported_per_song(tmp_path):
+    root = tmp_path / "songs"
+    for name in ("a b", "a_b", "c"): make_song(root / name)
+    before = tree_hash(root)
+    rep = validate_corpus(root)                                       # used to abort with a traceback
+    assert [s.id for s in rep.songs] == ["c"] and list(rep.rejected) == ["a_b"]
+    assert rep.rejected["a_b"] == [f"{root}/a b: song id 'a_b' is also the id of 'a_b': folder names that differ only "
+                                   "in characters outside [A-Za-z0-9_.-] collide; rename one of them",
+                                   f"{root}/a_b: song id 'a_b' is also the id of 'a b': folder names that differ only "
+                                   "in characters outside [A-Za-z0-9_.-] collide; rename one of them"]
+    assert corpus_main(["validate", str(root)]) == 1 and tree_hash(root) == before
+
+
+def test_paths_that_are_not_plain_names_never_reach_outputs(tmp_path):
+    from duotok.render import _materialise, render_corpus
+    one = make_song(tmp_path / "one"); (one / "sub").mkdir()
+    hidden = make_song(tmp_path / "songs" / ".hidden"); make_song(tmp_path / "songs" / "ok")
+    out = tmp_path / "outputs" / "render"; out.mkdir(parents=True); (out / "keep.txt").write_text("x")
+    before = tree_hash(tmp_path / "songs"), tree_hash(one)
+    # the corpus root given as `<song folder>/sub/..`: the id used to be '..', and render deleted out_root
+    m = render_corpus(one / "sub" / "..", out, workers=1, log=lambda *_: None)
+    assert m["songs"] == 1 and (out / "songs" / "one" / "mix.flac").exists() and (out / "keep.txt").exists()
+    rep = validate_corpus(tmp_path / "songs")
+    assert [s.id for s in rep.songs] == ["ok"] and msgs(rep, ".hidden") == (
+        f"{hidden}: the folder name gives the song id '.hidden', which is not a plain folder name: rename the folder "
+        "(letters, digits, '_', '-', '.'; not starting with '.')")
+    with pytest.raises(SongError, match="not a plain song folder name; refusing to replace it"):
+        _materialise(out / "songs" / "one", out / "songs" / "..")
+    assert (out / "keep.txt").exists() and (tree_hash(tmp_path / "songs"), tree_hash(one)) == before
+
+
+def test_empty_corpus_fails_with_a_message_and_exit_2(tmp_path):
+    from duotok.render import render_corpus
+    (tmp_path / "songs").mkdir()
+    with pytest.raises(SongError) as e: render_corpus(tmp_path / "songs", tmp_path / "out", workers=1, log=lambda *_: None)
+    assert str(e.value) == (f"{tmp_path}/songs: no usable song among 0 song folders: no song folders: a song folder holds "
+                            "the stems vocals, drums, bass, other (.wav/.flac) or a song.json recipe with MIDI parts "
+                            f"(docs/corpus.md); `python -m duotok.corpus validate {tmp_path}/songs` lists every problem")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    r = subprocess.run([sys.executable, "-m", "duotok.stages.render", "--no-track", "--set", f"render.songs_dir={tmp_path / 'songs'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f"[render] error: {e.value}"
+    assert not (tmp_path / "outputs" / "render" / "songs").exists()
+    assert corpus_main(["validate", str(tmp_path / "songs")]) == 2
+    assert corpus_main(["validate", str(tmp_path / "nowhere")]) == 2
+
+
+def test_mixture_only_folders_are_reported(tmp_path, capsys):
+    d = tmp_path / "songs" / "live"; d.mkdir(parents=True)
+    sf.write(d / "mixture.wav", np.zeros((8000, 2), "float32"), 8000)
+    before = tree_hash(tmp_path)
+    assert corpus_main(["validate", str(tmp_path / "songs")]) == 2     # used to print "0 song folders" and exit 0
+    out = capsys.readouterr().out
+    assert "1 song folders, 0 usable, 1 rejected" in out
+    assert (f"[error] live: {d}/mixture.wav: only a mixture (mixture.wav), no stems: duotok needs the four stems "
+            "vocals, drums, bass, other; separate the mixture into stems first (mixture-only songs are not supported yet)") in out
+    assert tree_hash(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def toy_package(tmp_path_factory):
+    from duotok.cli import main
+    from duotok.models.encoder import EncoderConfig
+    from duotok.tokenizer import TokenEncoder, build_encoder, build_quantizer
+    d = tmp_path_factory.mktemp("pkg")
+    ecfg = EncoderConfig(width=32, layers=2, lower_layers=1, heads=2, conv_channels=16).to_dict()
+    qcfg = {"dim": 32, "code_dim": 8, "codebook_sizes": [64, 64], "beta": 0.25, "rotation_trick": False}
+    audio = {"encoder_sample_rate": 24000, "n_fft": 1024, "hop_length": 240, "n_mels": 128, "token_rate": 25, "sample_rate": 48000}
+    TokenEncoder(build_encoder(ecfg), build_quantizer(qcfg), audio, "toy", {"encoder": ecfg, "quantizer": qcfg, "audio": audio}).save(d / "cb")
+    assert main(["package", "--codebook", str(d / "cb"), "-o", str(d / "pkg")]) == 0
+    return d / "pkg"
+
+
+def test_encode_refuses_stems_of_different_length(tmp_path, toy_package, capsys):
+    from duotok.cli import main
+    from duotok.tokenizer import DualTokens
+    song = make_song(tmp_path / "song", lengths={"drums": 2.0}, secs=5.0)   # drums 2 s, the rest 5 s
+    before = tree_hash(song)
+    assert main(["encode", "--model", str(toy_package), "--song", str(song), "-o", str(tmp_path / "tok"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"duotok encode: error: stems differ in length: {song}/vocals.wav 5.00 s, {song}/drums.wav 2.00 s, "
+                   f"{song}/bass.wav 5.00 s, {song}/other.wav 5.00 s (more than 0.05 s apart): trim them to one length, "
+                   "or pass --pad to zero-pad the shorter ones")
+    assert main(["encode", "--model", str(toy_package), "--vocals", str(song / "vocals.wav"), "--accompaniment",
+                 str(song / "drums.wav"), "-o", str(tmp_path / "t.npz"), "-q"]) == 2
+    assert "stems differ in length" in capsys.readouterr().err
+    assert main(["encode", "--model", str(toy_package), "--song", str(song), "-o", str(tmp_path / "tok"), "-q", "--pad"]) == 0
+    assert DualTokens.load(tmp_path / "tok" / "song.npz").n_tokens == 125    # 5 s, not cut to 2 s
+    assert tree_hash(song) == before
+
+
+def test_written_files_keep_the_usual_mode(tmp_path):
+    from duotok.audio import save_audio
+    from duotok.checkpoint import save_checkpoint
+    from duotok.core import atomic_write_json
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ck", {"w": torch.zeros(2)}, {"a": 1})      # safetensors writes 0600 by itself
+        save_audio(tmp_path / "a.flac", np.zeros(100, np.float32), 8000)
+        atomic_write_json(tmp_path / "x.json", {})
+    finally: os.umask(old)
+    for p in (tmp_path / "ck" / "model.safetensors", tmp_path / "ck" / "model.json", tmp_path / "a.flac", tmp_path / "x.json"):
+        assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
+
+
+# -- validation covers what later stages need --------------------------------------------------------
+def test_warnings_strict_and_exit_codes(tmp_path, capsys):
+    root = tmp_path / "songs"
+    make_song(root / "silent", silent=True, meta={"split": "test"})
+    make_song(root / "zh", meta={"split": "test", "language": "zh", "lyrics": "桜 love 😀"})
+    make_song(root / "odd", sr=44101, meta={"split": "test"})
+    before = tree_hash(root)
+    rep = validate_corpus(root)
+    assert len(rep.songs) == 3 and not rep.errors
+    warn = {(p.song, p.message) for p in rep.problems}
+    assert ("silent", "all four stems are silent (peak below -60 dBFS): the song gives nothing to learn; check the files "
+                      "or remove the song") in warn
+    assert ("zh", "lyrics use characters outside the lyric vocabulary: 桜 (-> <unk>); 😀 (dropped): the lyric head "
+                  "cannot learn them (vocabulary: docs/corpus.md)") in warn
+    assert ("odd", "unusual sample rate 44101 Hz (a damaged or mislabelled header?): it is resampled as given (with "
+                   "soxr); check that the song plays at the right speed") in warn
+    assert ("", "no song would be in the 'train' split (3 usable songs, pinned: {'test': 3}): the ssl and finetune "
+                "stages need train and val segments; remove \"split\" from some song.json files or add songs") in warn
+    assert ("", "no song would be in the 'val' split (3 usable songs, pinned: {'test': 3}): the ssl and finetune "
+                "stages need train and val segments; remove \"split\" from some song.json files or add songs") in warn
+    assert corpus_main(["validate", str(root)]) == 0
+    assert corpus_main(["validate", str(root), "--strict"]) == 2           # every song has a warning: none usable
+    out = capsys.readouterr().out
+    assert "[error] silent:" in out and "[error] (corpus):" in out
+    assert tree_hash(root) == before
+    make_song(root / "fine", meta={"split": "test"})
+    assert corpus_main(["validate", str(root), "--strict"]) == 1           # usable songs, but warnings
+    with pytest.raises(SystemExit): corpus_main(["validate", "--help"])
+    assert "exit status:\n  0  every song folder is usable" in capsys.readouterr().out
+    assert "exit status" in (ROOT / "docs" / "corpus.md").read_text()
+
+
+def test_song_json_values_are_type_checked(tmp_path):
+    lyr = [{"text": "-ing", "start": 0.0, "end": 0.2, "word": "abc"}, {"text": 5, "start": 0.2, "end": 0.3},
+           {"text": "x", "start": float("nan"), "end": 0.5, "pitch": 300}]
+    make_song(tmp_path / "songs" / "s", meta={"title": ["no"], "lyrics": lyr})
+    rec = tmp_path / "songs" / "r"; rec.mkdir()
+    (rec / "song.json").write_text(json.dumps({"lyrics": [{"text": "la", "start": 0, "end": 1}],
+                                               "recipe": {"voice": "-x", "duration_s": 1e9, "vocal_gain_db": "loud"}}))
+    before = tree_hash(tmp_path / "songs")
+    rep = validate_corpus(tmp_path / "songs")
+    s, r = msgs(rep, "s"), msgs(rep, "r")
+    assert "\"title\" must be a string, got list" in s and "lyrics[0]: \"word\" must be a word index (an integer >= 0), got 'abc'" in s
+    assert "lyrics[1]: syllable \"text\" must be a string, got int" in s
+    assert "lyrics[2]: \"pitch\" must be a MIDI note number 0-127 or null, got 300" in s
+    assert "lyrics[2]: start/end must be finite numbers (seconds), got nan, 0.5" in s
+    assert "recipe \"voice\" '-x' is not an espeak-ng voice name (like 'en-us+f3')" in r
+    assert "recipe \"duration_s\" must be a number of seconds in (0, 1800], got 1000000000.0" in r
+    assert "recipe \"vocal_gain_db\" must be a number in [-60, 60], got 'loud'" in r
+    (tmp_path / "deep").mkdir(); (tmp_path / "deep" / "song.json").write_text("[" * 100000 + "]" * 100000)
+    rep = validate_corpus(tmp_path / "deep")
+    assert "unreadable JSON (RecursionError" in msgs(rep, "deep")
+    assert tree_hash(tmp_path / "songs") == before
+
+
+def test_a_corpus_without_train_songs_stops_in_preprocess(tmp_path):
+    from duotok.preprocess import PreprocessError, SegmentSpec, preprocess_corpus
+    from duotok.render import render_corpus
+    for i in range(3): make_song(tmp_path / "songs" / f"s{i}", secs=2.0, meta={"split": "test"}, seed=i)
+    before = tree_hash(tmp_path / "songs")
+    render_corpus(tmp_path / "songs", tmp_path / "render", workers=1, log=lambda *_: None)
+    with pytest.raises(PreprocessError) as e:
+        preprocess_corpus(tmp_path / "render", tmp_path / "pre", SegmentSpec(segment_s=2.0, hop_s=2.0), workers=1, log=lambda *_: None)
+    assert str(e.value) == (f"{tmp_path}/render: no segment in the 'train' and 'val' split (3 usable songs; songs per split "
+                            "{'test': 3}; pinned in song.json: {'test': 3}): ssl and finetune need train and val segments; "
+                            "remove \"split\" from some song.json files or add songs")
+    assert isinstance(e.value, InputError) and not (tmp_path / "pre").exists() and tree_hash(tmp_path / "songs") == before
