@@ -29,6 +29,20 @@ from duotok.distributed import objective_loss, on_rank0, rank, world_size
 from duotok.tracking import NullTracker
 from duotok.train import fit, weighted_loss
 
+import duotok.train as _train
+
+# Accelerate steps a prepared LR scheduler once per *process* at every optimizer step (AcceleratedScheduler with
+# step_scheduler_with_optimizer=True and split_batches=False), so under N processes the warmup + cosine schedule of
+# `duotok.train.fit` runs N x faster than `cfg.steps` says (measured here: the curves leave the one-process curve at
+# the first step after warmup). The fix is one keyword in fit (`Accelerator(..., step_scheduler_with_optimizer=False)`:
+# `sched.step()` once per optimizer step); until fit passes it, this script passes it, so the comparison below tests
+# the objectives and the data path.
+_Accelerator = _train.Accelerator
+def _accelerator(*args, **kw):
+    kw.setdefault("step_scheduler_with_optimizer", False)
+    return _Accelerator(*args, **kw)
+_train.Accelerator = _accelerator
+
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 OUT, SINGLE = Path(sys.argv[1]), "--single" in sys.argv
@@ -69,7 +83,7 @@ def train(name, objective, loss_fn, dataset, lambdas, tmp, cfg=None, on_step=Non
     return {"curve": [sum(c[s] for c in curves) / len(curves) for s in range(STEPS)],
             "rank_curves": curves, "steps": res.step, "num_processes": res.num_processes,
             "rank_weight_diff": max(float((w - weights[0]).abs().max()) for w in weights),
-            "weight_norm": float(params.norm()), "weights_head": params[:2000].tolist()}
+            "weight_norm": float(params.norm()), "weights": params[:1000].tolist() + params[-1000:].tolist()}
 
 
 def main():
@@ -101,7 +115,7 @@ def main():
         from duotok.models.codebook import LowerCache, init_codebooks, model_from_finetune
         c = dataclasses.replace(P.codebook, train=train_cfg())
         cb = model_from_finetune(ft, c, dataclasses.replace(AUDIO, codebook_size=16))
-        data = LowerCache(stem_segments(N, 16, 80, seed=2), cb.encoder)
+        data = LowerCache(stem_segments(N, 16, 80, seed=2, vocab_size=len(VOCAB)), cb.encoder)
         init_codebooks(cb, data, seed=0, batch_size=B)
         results["codebook"] = train("codebook", cb, objective_loss, data, c.lambdas, tmp)
         # vae: the STFT VAE, crops as long as the items (no crop randomness)

@@ -5,9 +5,12 @@ Per stage: both ranks hold identical weights after training (DDP synchronised ev
 differentiates), and the global loss curve (mean of the two ranks' losses per step) matches the one-process curve
 within a stated tolerance:
 - ssl, finetune, codebook, lm_*: the objectives are deterministic in these settings, so the curves agree to float
-  precision (relative 1e-3 per step; the sums run in another order);
-- vae: the posterior sample (std ~0.007) differs between the runs: relative 2 % per step;
-- decoder: flow matching draws its timesteps and noise per process: the mean over the 4 steps within 15 %.
+  precision (relative 1e-5 per step; measured 1e-7 to 5e-7: the sums run in another order) and the weights end
+  within 1e-6 of the one-process weights (measured 3e-8);
+- vae: the posterior sample (std ~0.007) differs between the runs: relative 1e-3 per step (measured 1.2e-4);
+- decoder: flow matching draws its timesteps and noise per process: the sum over the 4 steps within 15 % (measured 6 %).
+The helper script passes `step_scheduler_with_optimizer=False` to Accelerate (see its comment: without it the LR
+schedule of `duotok.train.fit` runs twice as fast under two processes).
 """
 import json
 import os
@@ -42,12 +45,12 @@ def test_two_processes_train_like_one_at_the_same_global_batch(runs, stage):
     assert ddp["rank_curves"][0] != ddp["rank_curves"][1], "each rank trains on its own half of the global batch"
     a, b = ddp["curve"], single["curve"]
     if stage in EXACT:
-        assert all(abs(x - y) <= 1e-3 * abs(y) + 1e-6 for x, y in zip(a, b)), (stage, a, b)
+        assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (stage, a, b)
         # the same updates: the weights end where one process at the global batch puts them
-        w2, w1 = ddp["weights_head"], single["weights_head"]
-        assert max(abs(x - y) for x, y in zip(w2, w1)) < 1e-4, stage
+        assert max(abs(x - y) for x, y in zip(ddp["weights"], single["weights"])) < 1e-6, stage
+        assert abs(ddp["weight_norm"] - single["weight_norm"]) < 1e-4 * single["weight_norm"], stage
     elif stage == "vae":
-        assert all(abs(x - y) <= 0.02 * abs(y) for x, y in zip(a, b)), (stage, a, b)
+        assert all(abs(x - y) <= 1e-3 * abs(y) for x, y in zip(a, b)), (stage, a, b)
     else:
         assert abs(sum(a) - sum(b)) <= 0.15 * abs(sum(b)), (stage, a, b)
 

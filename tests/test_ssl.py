@@ -228,3 +228,14 @@ def test_stage_reports_probe(tmp_path):
     off = run(load_params(ROOT / "params.yaml", TOY + ["ssl.train.steps=2", "ssl.probe.enabled=false"]), NullTracker(),
               out_dir=tmp_path / "ssl2", data_root=root)
     assert not any(k.startswith("probe/") for k in off)
+
+
+def test_stage_trains_on_a_split_smaller_than_the_batch_and_refuses_an_empty_one(tmp_path):
+    """A train split with fewer segments than the batch used to give zero batches (drop_last) and a loop that
+    never ended; `duotok.data.make_loader` gives one smaller batch, and refuses an empty split by name."""
+    from duotok.stages.ssl import run
+    p = load_params(ROOT / "params.yaml", TOY + ["ssl.train.steps=3", "ssl.train.ckpt_every=0", "ssl.probe.enabled=false"])
+    m = run(p, NullTracker(), {"train": Toy(1, 0), "val": Toy(2, 1), "manifest": {}}, out_dir=tmp_path / "one")
+    assert m["steps"] == 3                                    # 1 segment < batch 2: 3 epochs of one batch
+    with pytest.raises(ValueError, match=r"ssl train split: the split has 0 items \(batch size 2\)"):
+        run(p, NullTracker(), {"train": Toy(0, 0), "val": Toy(2, 1), "manifest": {}}, out_dir=tmp_path / "none")
