@@ -9,7 +9,6 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from _helpers import ROOT, audio, section
-from duotok.checkpoint import save_checkpoint
 from duotok.config import ConfigError, EncoderConfig, load_params
 from duotok.models.codebook import (FrozenSnapshot, LowerCache, codebook_validate, dual_batch, model_from_finetune)
 from duotok.models.encoder import MusicEncoder

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import AudioConfig, CodebookConfig, ConfigError, checkpoint_config, config_id, expect_kind, read_section, to_dict
+from ..checkpoint import load_checkpoint
+from ..config import AudioConfig, CodebookConfig, ConfigError, checkpoint_config, config_id, expect_kind, read_section
 from ..core import assert_frozen, count_parameters, freeze
 from ..heads import (ChromaHead, CTCHead, MelHead, ctc_loss, frame_ce, greedy_decode, ids_to_text, lyric_cer,
                           match_frames, trivial_asr_baselines)

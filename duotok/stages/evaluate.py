@@ -7,7 +7,6 @@ and writes `eval/metrics.json`, `eval/results.md` and `eval/plots/*.png`."""
 # %% ../../nbs/63_stage_evaluate.ipynb #c9c6ebaf
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
