@@ -17,18 +17,17 @@ import torch
 
 
 def default_decoder(params_path: str = "params.yaml", profile: str | None = None):
-    from duotok.config import load_params
-    from duotok.diffusion import LatentDecoder, TokenDecoder, make_scheduler
-    from duotok.stages.vae import vae_config
+    from duotok.config import checkpoint_config, load_params
+    from duotok.diffusion import TokenDecoder, build_latent_decoder, make_scheduler
     from duotok.vae import build_vae
     p = load_params(params_path, profile=profile)
     v, d, a = p.vae, p.decoder, p.audio
-    vae = build_vae(vae_config(p)).eval()  # the params' architecture (vae.arch), untrained
-    model = LatentDecoder(v.latent_dim, (a.codebook_size, a.codebook_size), d.width, d.layers, d.heads, d.shared,
-                          a.latent_rate // a.token_rate).eval()
-    return TokenDecoder(model, vae, dict(make_scheduler().config), d.sampling_steps, d.guidance_scale,
-                        int(round(d.chunk_s * a.token_rate)), int(round(d.crossfade_s * a.token_rate)),
-                        a.token_rate, a.sample_rate), "untrained, params.yaml" + (f" + {profile}" if profile else "")
+    vae = build_vae(v, a).eval()  # the params' architecture (vae.arch), untrained
+    sizes = (a.codebook_size, a.codebook_size)
+    model = build_latent_decoder(d, vae.latent_dim, sizes, a).eval()
+    cfg = checkpoint_config("decoder", d, a, latent_dim=vae.latent_dim, codebook_sizes=list(sizes),
+                            scheduler=dict(make_scheduler().config))
+    return TokenDecoder.from_config(model, vae, cfg)
 
 
 def main(argv=None):

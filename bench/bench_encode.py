@@ -22,18 +22,15 @@ import torch
 
 
 def default_encoder(params_path: str = "params.yaml"):
-    from duotok.config import load_params
-    from duotok.models.encoder import EncoderConfig
-    from duotok.tokenizer import TokenEncoder, build_encoder, build_quantizer
+    "A token encoder of random weights shaped by the params (code dimension = finetune.bottleneck_dim, as stage 3 reads it)."
+    from duotok.config import checkpoint_config, load_params
+    from duotok.models.encoder import encoder_from_config
+    from duotok.quantize import quantizer_from_config
+    from duotok.tokenizer import TokenEncoder
     p = load_params(params_path)
-    ecfg = EncoderConfig.from_params(p.ssl.encoder, p.audio).to_dict()
-    qcfg = {"dim": ecfg["width"], "code_dim": p.codebook.code_dim, "codebook_sizes": [p.audio.codebook_size] * 2,
-            "beta": p.codebook.beta, "rotation_trick": False}
-    a = p.audio
-    audio = {"sample_rate": a.sample_rate, "encoder_sample_rate": a.encoder_sample_rate, "n_fft": a.n_fft,
-             "hop_length": a.hop_length, "n_mels": a.n_mels, "token_rate": a.token_rate}
-    return TokenEncoder(build_encoder(ecfg), build_quantizer(qcfg), audio, "random-bench",
-                        {"encoder": ecfg, "quantizer": qcfg, "audio": audio})
+    cfg = checkpoint_config("codebook", p.codebook, p.audio, encoder=p.ssl.encoder, code_dim=p.finetune.bottleneck_dim,
+                            vocab=["_"], model_id="random-bench")
+    return TokenEncoder(encoder_from_config(cfg), quantizer_from_config(cfg), cfg)
 
 
 class PeakRSS:

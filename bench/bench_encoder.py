@@ -14,14 +14,15 @@ import torch
 
 from duotok.config import load_params
 from duotok.core import count_parameters
-from duotok.models.encoder import EncoderConfig, MusicEncoder
+from duotok.config import AudioConfig, EncoderConfig
+from duotok.models.encoder import MusicEncoder
 
 
-def bench(cfg: EncoderConfig, seconds: float, repeats: int, device: str, batch: int = 1) -> dict:
+def bench(cfg: EncoderConfig, audio: AudioConfig, seconds: float, repeats: int, device: str, batch: int = 1) -> dict:
     torch.manual_seed(0)
-    enc = MusicEncoder(cfg).to(device).eval()
-    frames = int(round(seconds * cfg.frame_rate))
-    mel = torch.randn(batch, cfg.n_mels, frames, device=device)
+    enc = MusicEncoder(cfg, audio).to(device).eval()
+    frames = int(round(seconds * audio.frame_rate))
+    mel = torch.randn(batch, audio.n_mels, frames, device=device)
     with torch.inference_mode():
         out = enc(mel)                                     # warm-up
         if device == "cuda": torch.cuda.synchronize()
@@ -44,15 +45,15 @@ def main(argv=None):
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {a.device}")
     configs = {"default": load_params("params.yaml"), "paper": load_params("params.yaml", profile="params/paper.yaml")}
     for name, p in configs.items():
-        cfg = EncoderConfig.from_params(p.ssl.encoder, p.audio)
+        cfg, au = p.ssl.encoder, p.audio
         with torch.device("meta"):
-            meta = MusicEncoder(cfg)
-            t = meta(torch.empty(1, cfg.n_mels, int(a.seconds * cfg.frame_rate))).last.shape[1]
+            meta = MusicEncoder(cfg, au)
+            t = meta(torch.empty(1, au.n_mels, int(a.seconds * au.frame_rate))).last.shape[1]
         print(f"[{name}] layers {cfg.layers} = {cfg.lower_layers} + {cfg.upper_layers}, width {cfg.width}: "
               f"{count_parameters(meta):,} parameters (meta device); {a.seconds:g} s -> {t} frames")
         if name == "paper" and a.skip_paper: continue
-        r = bench(cfg, a.seconds, a.repeats, a.device)
-        assert r["frames_out"] == int(a.seconds * cfg.token_rate), r
+        r = bench(cfg, au, a.seconds, a.repeats, a.device)
+        assert r["frames_out"] == int(a.seconds * au.token_rate), r
         print(f"[{name}] forward {a.seconds:g} s: {r['s_per_forward']:.2f} s -> {r['audio_s_per_s']:.1f} s of audio/s, "
               f"{r['tokens_per_s']:.0f} tokens/s ({r['frames_out']} frames)")
 

@@ -149,9 +149,9 @@ def save_audio(path: str | os.PathLike, x: np.ndarray | torch.Tensor, sr: int, s
 
 # %% ../nbs/02_audio.ipynb #aa03c8b4
 @functools.lru_cache(maxsize=16)
-def _mel_transform(sr: int, n_fft: int, hop: int, n_mels: int) -> torchaudio.transforms.MelSpectrogram:
+def _mel_transform(sr: int, n_fft: int, hop: int, n_mels: int, center: bool = True) -> torchaudio.transforms.MelSpectrogram:
     return torchaudio.transforms.MelSpectrogram(sample_rate=sr, n_fft=n_fft, hop_length=hop, n_mels=n_mels,
-                                                power=2.0, norm="slaney", mel_scale="slaney", center=True)
+                                                power=2.0, norm="slaney", mel_scale="slaney", center=center)
 
 def _as_tensor(x) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).float() if isinstance(x, np.ndarray) else x.float()
@@ -160,10 +160,13 @@ def n_frames(n_samples: int, hop: int) -> int:
     "Frames of a centred STFT over `n_samples`."
     return n_samples // hop + 1
 
-def log_mel(x, sr: int, n_fft: int = 1024, hop: int = 240, n_mels: int = 128, eps: float = 1e-5) -> torch.Tensor:
-    "Waveform (..., N) at `sr` -> natural-log mel power (..., n_mels, N // hop + 1)."
+def log_mel(x, sr: int, n_fft: int = 1024, hop: int = 240, n_mels: int = 128, eps: float = 1e-5,
+            center: bool = True) -> torch.Tensor:
+    """Waveform (..., N) at `sr` -> natural-log mel power (..., n_mels, N // hop + 1): the encoder's front end.
+    `center=False` frames an already reflect-padded signal ((N - n_fft) // hop + 1 frames; the streaming
+    tokenizer pads once and computes the frames block by block)."""
     t = _as_tensor(x)
-    return _mel_transform(sr, n_fft, hop, n_mels).to(t.device)(t).clamp_min(eps).log()
+    return _mel_transform(sr, n_fft, hop, n_mels, center).to(t.device)(t).clamp_min(eps).log()
 
 def stft(x, n_fft: int = 1024, hop: int = 240) -> torch.Tensor:
     "Complex STFT (..., n_fft // 2 + 1, frames), Hann window, centred."

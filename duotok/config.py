@@ -18,10 +18,11 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 # %% auto #0
-__all__ = ['ConfigError', 'from_dict', 'to_dict', 'flatten', 'AudioConfig', 'TrainConfig', 'RenderConfig', 'PreprocessConfig',
-           'EncoderConfig', 'ProbeConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig', 'FinetuneConfig',
-           'CodebookConfig', 'VAEConfig', 'PreEncodeConfig', 'DecoderConfig', 'LMConfig', 'EvaluateConfig',
-           'ReportConfig', 'Params', 'parse_override', 'load_params_dict', 'load_params']
+__all__ = ['SECTIONS', 'ConfigError', 'from_dict', 'to_dict', 'flatten', 'AudioConfig', 'TrainConfig', 'RenderConfig',
+           'PreprocessConfig', 'EncoderConfig', 'ProbeConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig',
+           'FinetuneConfig', 'CodebookConfig', 'VAEConfig', 'PreEncodeConfig', 'DecoderConfig', 'LMConfig',
+           'EvaluateConfig', 'ReportConfig', 'Params', 'parse_override', 'load_params_dict', 'load_params',
+           'checkpoint_config', 'read_section', 'expect_kind', 'config_id']
 
 # %% ../nbs/01_config.ipynb #ff9aaa52
 class ConfigError(ValueError):
@@ -189,17 +190,22 @@ class PreprocessConfig:
 # %% ../nbs/01_config.ipynb #12d22f2b
 @dataclass(frozen=True)
 class EncoderConfig:
-    width: int
-    layers: int
-    lower_layers: int           # layers below the bottleneck (stages 2-3); paper: 12 of 24
-    heads: int
-    ffn_mult: int
-    dropout: float
-    conv_channels: int
+    "The music encoder's architecture (`ssl.encoder`); `duotok.models.encoder.MusicEncoder(cfg, audio)` builds it."
+    width: int = 256
+    layers: int = 8
+    lower_layers: int = 4       # layers below the bottleneck (stages 2-3); paper: 12 of 24
+    heads: int = 4
+    ffn_mult: int = 4
+    dropout: float = 0.0
+    conv_channels: int = 256    # channels of the convolutional subsampler
 
     def validate(self, key: str) -> None:
         if not 0 < self.lower_layers < self.layers: raise ConfigError(f"{key}.lower_layers must be in (0, layers)")
-        if self.width % self.heads: raise ConfigError(f"{key}.heads must divide width")
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ConfigError(f"{key}.heads must divide width into even head dimensions (rotary embedding)")
+
+    @property
+    def upper_layers(self) -> int: return self.layers - self.lower_layers
 
 # %% ../nbs/01_config.ipynb #4a866f03
 @dataclass(frozen=True)
@@ -227,19 +233,24 @@ class SSLConfig:
 # %% ../nbs/01_config.ipynb #25bead2f
 @dataclass(frozen=True)
 class NoiseConfig:
-    enabled: bool
-    mode: Literal["replace", "additive"]
-    p: float
-    sigma: float
-    sigma_mode: Literal["match", "fixed"]
-    granularity: Literal["frame", "element"]
-    warmup_steps: int
+    "Gaussian replacement noise at the stage-2 bottleneck (`duotok.noise.GaussianReplacementNoise(cfg)`)."
+    enabled: bool = True
+    mode: Literal["replace", "additive"] = "replace"
+    p: float = 0.2              # probability that a frame (or element) is corrupted
+    sigma: float = 1.0
+    sigma_mode: Literal["match", "fixed"] = "match"   # match: noise std = sigma x the feature std
+    granularity: Literal["frame", "element"] = "frame"
+    warmup_steps: int = 0       # p ramps up linearly over these steps
+
+    def validate(self, key: str) -> None:
+        if not 0.0 <= self.p <= 1.0: raise ConfigError(f"{key}.p must be in [0, 1], got {self.p}")
 
 @dataclass(frozen=True)
 class FreezeConfig:
-    enabled: bool
-    start_fraction: float       # fraction of training at which freezing starts
-    end_fraction: float         # fraction at which the whole lower half is frozen
+    "Progressive freezing of the lower half in stage 2 (`duotok.noise.ProgressiveFreezer(units, steps, cfg)`)."
+    enabled: bool = True
+    start_fraction: float = 0.2 # fraction of training at which freezing starts
+    end_fraction: float = 0.6   # fraction at which the whole lower half is frozen
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -254,7 +265,7 @@ class FinetuneConfig:
 # %% ../nbs/01_config.ipynb #ff972025
 @dataclass(frozen=True)
 class CodebookConfig:
-    code_dim: int
+    "Stage 3. The code dimension is stage 2's bottleneck dimension, read from its checkpoint."
     beta: float
     gradient: Literal["straight_through", "rotation"]
     init_from_bottleneck: bool  # proj_in/proj_out of both branches start from stage 2's bottleneck
@@ -393,3 +404,32 @@ def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str
                 profile: str | Path | None = None) -> Params:
     "Load and validate `params.yaml` (+ optional profile file + `section.key=value` overrides)."
     return from_dict(Params, load_params_dict(path, overrides, profile))
+
+# %% ../nbs/01_config.ipynb #10e79284
+def checkpoint_config(kind: str, section, audio: AudioConfig, **facts) -> dict:
+    "The JSON config of a checkpoint written by stage `kind`: its params `section`, the `audio` section, named facts."
+    if kind not in SECTIONS: raise ConfigError(f"checkpoint_config: unknown stage {kind!r} (stages: {sorted(SECTIONS)})")
+    return {"kind": kind, kind: to_dict(section), "audio": to_dict(audio), **{k: to_dict(v) for k, v in facts.items()}}
+
+def read_section(cfg: dict, key: str, where: str = "checkpoint"):
+    "The validated dataclass of section `key` (a stage name, `audio` or `encoder`) stored in a checkpoint config."
+    if key not in SECTIONS: raise ConfigError(f"read_section: unknown section {key!r} (known: {sorted(SECTIONS)})")
+    if key not in cfg:
+        raise ConfigError(f"{where}: the config has no '{key}' section (it has {sorted(cfg)}); was it written by "
+                          "another version of duotok? Re-run the stage that wrote it.")
+    return from_dict(SECTIONS[key], cfg[key], key)
+
+def expect_kind(cfg: dict, kind: str, where: str = "checkpoint") -> dict:
+    "Raise unless `cfg` is the config of a checkpoint written by stage `kind`; return it."
+    if cfg.get("kind") != kind:
+        raise ConfigError(f"{where}: expected a checkpoint of the '{kind}' stage, found kind={cfg.get('kind')!r}")
+    return cfg
+
+def config_id(cfg: dict, n: int = 8) -> str:
+    "First `n` hex digits of the SHA-256 of `cfg` as canonical JSON (sorted keys): same config, same id."
+    import hashlib, json
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+SECTIONS: dict[str, type] = {**{f.name: typing.get_type_hints(Params)[f.name] for f in fields(Params)},
+                             "encoder": EncoderConfig}
+"Section name -> dataclass: every `params.yaml` section, and `encoder` (the encoder architecture, `ssl.encoder`)."

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 FIELDS = ("mel_mix", "mel_vocals", "mel_acc", "chroma_mix", "chroma_vocals", "chroma_acc", "wav24_mix", "wav24_stems",
           "wav48_vocals", "wav48_acc", "lyric_ids", "lyric_len", "lyric_frames", "silent_vocals", "silent_acc",
           "song", "segment")
 
 # %% auto #0
-__all__ = ['FIELDS', 'load_manifest', 'SegmentDataset', 'collate']
+__all__ = ['FIELDS', 'load_manifest', 'SegmentDataset', 'collate', 'load_splits', 'make_loader']
 
 # %% ../nbs/13_data.ipynb #93dc428c
 def load_manifest(root: str | os.PathLike = "outputs/preprocess") -> dict:
@@ -70,3 +70,23 @@ def collate(items: list[dict]) -> dict:
         v = [it[k] for it in items]
         out[k] = torch.stack(v) if isinstance(v[0], torch.Tensor) else v
     return out
+
+def load_splits(fields, root: str | os.PathLike = "outputs/preprocess", splits=("train", "val")) -> dict:
+    "{split: SegmentDataset(fields), 'manifest': dict, 'collate': collate} from the preprocess outputs in `root`."
+    manifest = load_manifest(root)
+    return {**{s: SegmentDataset(root, s, fields=fields) for s in splits}, "manifest": manifest, "collate": collate}
+
+# %% ../nbs/13_data.ipynb #eacbcd90
+def make_loader(dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0, collate_fn=None,
+                name: str = "dataset") -> DataLoader:
+    """A `DataLoader` over `dataset`. `train=True`: shuffled with `torch.Generator().manual_seed(seed)`, last
+    partial batch dropped when `len(dataset) >= batch_size`; `train=False`: in order, every item. Never zero
+    batches: an empty `dataset` raises a `ValueError` naming `name`, the split size and the batch size."""
+    n = len(dataset)
+    if batch_size < 1: raise ValueError(f"{name}: batch size must be >= 1, got {batch_size}")
+    if n == 0:
+        raise ValueError(f"{name}: the split has 0 items (batch size {batch_size}); nothing to "
+                         f"{'train on' if train else 'evaluate'}: check the preprocess outputs and the split fractions")
+    g = torch.Generator().manual_seed(int(seed)) if train else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and n >= batch_size,
+                      num_workers=num_workers, collate_fn=collate_fn, generator=g)

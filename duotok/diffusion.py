@@ -14,9 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from .config import AudioConfig, DecoderConfig, expect_kind, read_section
+
 # %% auto #0
-__all__ = ['sinusoidal_positions', 'modulate', 'DiTBlock', 'DiTDenoiser', 'LatentDecoder', 'make_scheduler', 'flow_matching_loss',
-           'sample', 'chunk_starts', 'crossfade_weights', 'TokenDecoder', 'build_latent_decoder']
+__all__ = ['TRACKS', 'sinusoidal_positions', 'modulate', 'DiTBlock', 'DiTDenoiser', 'LatentDecoder', 'make_scheduler',
+           'flow_matching_loss', 'sample', 'chunk_starts', 'crossfade_weights', 'TokenDecoder', 'build_latent_decoder',
+           'latent_decoder_from_config', 'encode_latents', 'latent_stats', 'write_pre_encoded', 'load_pre_encoded',
+           'TokenLatentChunks', 'FlowMatchingObjective', 'mean_spectrum', 'random_phase_audio', 'score',
+           'score_decoder']
 
 # %% ../nbs/52_diffusion.ipynb #b3e20a7e
 def sinusoidal_positions(n: int, dim: int, device=None) -> torch.Tensor:
@@ -241,13 +246,20 @@ class TokenDecoder:
         from duotok.vae import load_vae
         dir = Path(dir)
         state, cfg = load_checkpoint(dir, name="denoiser")
-        model = build_latent_decoder(cfg["model"])
+        model = latent_decoder_from_config(cfg, f"{dir}/denoiser.json")
         model.load_state_dict(state)
-        s = cfg["sampling"]
-        return cls(freeze(model), load_vae(dir, name="vae"), cfg.get("scheduler"),
-                   steps if steps is not None else s["steps"],
-                   guidance_scale if guidance_scale is not None else s["guidance_scale"],
-                   s["chunk_tokens"], s["overlap_tokens"], s["token_rate"], s["sample_rate"])
+        return cls.from_config(freeze(model), load_vae(dir, name="vae"), cfg, steps, guidance_scale)
+
+    @classmethod
+    def from_config(cls, model: LatentDecoder, vae, cfg: dict, steps: int | None = None,
+                    guidance_scale: float | None = None) -> "TokenDecoder":
+        """A decoder from a trained `model`, a `vae` and the decoder stage's checkpoint config (sampling from its
+        `decoder` section: steps, guidance, chunk and crossfade lengths; rates from its `audio` section)."""
+        d, a = read_section(cfg, "decoder"), read_section(cfg, "audio")
+        return cls(model, vae, cfg.get("scheduler"), steps if steps is not None else d.sampling_steps,
+                   guidance_scale if guidance_scale is not None else d.guidance_scale,
+                   int(round(d.chunk_s * a.token_rate)), int(round(d.crossfade_s * a.token_rate)), a.token_rate,
+                   a.sample_rate)
 
     @torch.no_grad()
     def decode_latents(self, ids_v: torch.Tensor, ids_a: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +303,175 @@ class TokenDecoder:
         return (wav_v[0], wav_a[0]) if squeeze else (wav_v, wav_a)
 
 
-def build_latent_decoder(cfg: dict) -> LatentDecoder:
-    "Rebuild a `LatentDecoder` from its checkpoint config (`latent_dim, codebook_sizes, width, layers, heads, shared, upsample`)."
-    return LatentDecoder(cfg["latent_dim"], tuple(cfg["codebook_sizes"]), cfg["width"], cfg["layers"], cfg["heads"],
-                         cfg["shared"], cfg.get("upsample", 2))
+def build_latent_decoder(cfg: DecoderConfig, latent_dim: int, codebook_sizes, audio: AudioConfig) -> LatentDecoder:
+    """The `LatentDecoder` of the `decoder` section, for latents of `latent_dim` channels (the VAE's) and tokens
+    from codebooks of `codebook_sizes` (the tokenizer's); 50 Hz latents per 25 Hz token from `audio`."""
+    if audio.latent_rate % audio.token_rate:
+        raise ValueError(f"audio: the latent rate {audio.latent_rate} Hz is not a multiple of the token rate {audio.token_rate} Hz")
+    return LatentDecoder(int(latent_dim), tuple(int(k) for k in codebook_sizes), cfg.width, cfg.layers, cfg.heads,
+                         cfg.shared, audio.latent_rate // audio.token_rate)
+
+def latent_decoder_from_config(cfg: dict, where: str = "checkpoint") -> LatentDecoder:
+    "An untrained `LatentDecoder` shaped by the decoder stage's checkpoint config (`decoder`, `audio`, `latent_dim`, `codebook_sizes`)."
+    expect_kind(cfg, "decoder", where)
+    return build_latent_decoder(read_section(cfg, "decoder", where), cfg["latent_dim"], cfg["codebook_sizes"],
+                                read_section(cfg, "audio", where))
+
+# %% ../nbs/52_diffusion.ipynb #1c693bf8
+import numpy as np
+
+from .core import atomic_save_npy
+
+
+@torch.no_grad()
+def encode_latents(vae, dataset, progress: bool = False) -> np.ndarray:
+    """(N, 2, C, T50) float32 posterior-mean latents of `wav48_vocals` / `wav48_acc` of every item (both stems of
+    a segment in one batch: a memory-bound VAE encoder runs faster on (2, 4 s) than on (16, 4 s) batches on CPU)."""
+    from tqdm.auto import tqdm
+    out = None
+    for i in tqdm(range(len(dataset)), desc="latents", disable=not progress, mininterval=5):
+        it = dataset[i]
+        wav = torch.stack([torch.as_tensor(np.asarray(it["wav48_vocals"]), dtype=torch.float32),
+                           torch.as_tensor(np.asarray(it["wav48_acc"]), dtype=torch.float32)])  # (2, L48)
+        z = vae.encode(wav).numpy()  # (2, C, T50)
+        if out is None:
+            out = np.zeros((len(dataset), *z.shape), np.float32)
+        out[i] = z
+    return out if out is not None else np.zeros((0, 2, 0, 0), np.float32)
+
+
+def latent_stats(lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "Per-track per-channel mean and std (2, C) of latents (N, 2, C, T50)."
+    return lat.mean(axis=(0, 3)).astype(np.float32), (lat.std(axis=(0, 3)) + 1e-5).astype(np.float32)
+
+
+def write_pre_encoded(out: str | Path, split: str, tokens, latents: np.ndarray) -> None:
+    "Write `tokens_<split>.npz` (a `DualTokens` shard) and `latents_<split>.npy` atomically."
+    out = Path(out)
+    if latents.shape[0] != len(tokens) or latents.shape[-1] != 2 * tokens.n_tokens:
+        raise ValueError(f"pre_encode: {split} has {len(tokens)} x {tokens.n_tokens} tokens but latents {latents.shape} "
+                         "(want N matching rows, 2 latent frames per token)")
+    tokens.save(out / f"tokens_{split}.npz")
+    atomic_save_npy(out / f"latents_{split}.npy", latents.astype(np.float32))
+
+
+def load_pre_encoded(root: str | Path, split: str):
+    "(`DualTokens` shard, latents (N, 2, C, T50) memory-mapped) of one split of the `pre_encode` outputs."
+    from duotok.tokenizer import DualTokens
+    root = Path(root)
+    for p in (root / f"tokens_{split}.npz", root / f"latents_{split}.npy"):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} missing: run the pre_encode stage (python -m duotok.stages.pre_encode)")
+    toks = DualTokens.load(root / f"tokens_{split}.npz")
+    lat = np.load(root / f"latents_{split}.npy", mmap_mode="r")
+    if lat.shape[0] != len(toks):
+        raise ValueError(f"{root}: {split} has {len(toks)} token rows but {lat.shape[0]} latent rows")
+    return toks, lat
+
+
+class TokenLatentChunks(torch.utils.data.Dataset):
+    """Training items from a `DualTokens` shard (N, T) and latents (N, 2, C, upsample T). Item k = (segment
+    k // 2, track k % 2) -> {"ids": (chunk,), "lat": (C, upsample chunk), "track": ()}, a random crop of `chunk`
+    tokens (the whole segment if shorter) drawn from the dataset's own seeded generator."""
+
+    def __init__(self, tokens, lat: np.ndarray, chunk: int, upsample: int = 2, seed: int = 0):
+        self.ids = np.stack([np.asarray(tokens.vocals), np.asarray(tokens.accompaniment)], 1)  # (N, 2, T)
+        self.lat = np.asarray(lat, dtype=np.float32)
+        if self.lat.shape[-1] != upsample * self.ids.shape[-1]:
+            raise ValueError(f"latents have {self.lat.shape[-1]} frames for {self.ids.shape[-1]} tokens (want x{upsample})")
+        self.chunk, self.up = min(chunk, self.ids.shape[-1]), upsample
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return 2 * self.ids.shape[0]
+
+    def __getitem__(self, k):
+        i, tr = divmod(k, 2)
+        T = self.ids.shape[-1]
+        s = int(self.rng.integers(0, T - self.chunk + 1))
+        return {"ids": torch.from_numpy(self.ids[i, tr, s:s + self.chunk].copy()),
+                "lat": torch.from_numpy(self.lat[i, tr, :, self.up * s:self.up * (s + self.chunk)].copy()),
+                "track": torch.tensor(tr)}
+
+
+class FlowMatchingObjective(nn.Module):
+    "What the `decoder` stage trains: `forward(batch of TokenLatentChunks items)` -> `{'fm/mse'}` (see `flow_matching_loss`)."
+    def __init__(self, model: LatentDecoder, scheduler, cond_dropout: float):
+        super().__init__()
+        self.model, self.scheduler, self.cond_dropout = model, scheduler, cond_dropout
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        x0 = self.model.normalize(batch["lat"], batch["track"])
+        return flow_matching_loss(self.model, self.scheduler, x0, batch["ids"], batch["track"], self.cond_dropout)
+
+# %% ../nbs/52_diffusion.ipynb #8973695d
+TRACKS = ("vocals", "acc")
+
+
+def mean_spectrum(wavs, n_fft: int = 2048) -> torch.Tensor:
+    "Mean STFT magnitude (n_fft//2+1,) over frames of an iterable of (L,) waveforms (hop n_fft/4)."
+    acc, n = torch.zeros(n_fft // 2 + 1), 0
+    win = torch.hann_window(n_fft)
+    for w in wavs:
+        S = torch.stft(torch.as_tensor(w, dtype=torch.float32), n_fft, n_fft // 4, window=win, return_complex=True).abs()
+        acc += S.sum(-1); n += S.shape[-1]
+    return acc / max(n, 1)
+
+
+def random_phase_audio(mag: torch.Tensor, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    "(length,) signal with STFT magnitude about `mag` (n_fft//2+1,) in every frame and uniform random phase."
+    n_fft = 2 * (mag.shape[0] - 1)
+    frames = length // (n_fft // 4) + 1
+    phase = torch.rand(mag.shape[0], frames, generator=generator) * 2 * torch.pi
+    win = torch.hann_window(n_fft)
+    spec = torch.polar(mag[:, None].expand(-1, frames).contiguous(), phase)
+    y = torch.istft(spec, n_fft, n_fft // 4, window=win, length=length)
+    # incoherent overlap-add loses level: rescale so the mean STFT magnitude matches `mag`
+    got = torch.stft(y, n_fft, n_fft // 4, window=win, return_complex=True).abs().mean(-1).sum()
+    return y * (mag.sum() / got.clamp_min(1e-12))
+
+
+def score(refs: dict, ests: dict, sample_rate: int, silent: dict) -> dict[str, float]:
+    """refs[track] (N, L); ests[name][track] (N, L) -> `val/<track>/mel_l1/<name>` over non-silent items
+    (and `val/mix/...` on the sums, over all items)."""
+    from duotok.metrics import multiscale_mel_l1
+    out = {}
+    for name, est in ests.items():
+        for tr in TRACKS:
+            keep = ~np.asarray(silent[tr], bool)
+            if keep.any():
+                v = multiscale_mel_l1(refs[tr][keep], est[tr][keep], sample_rate, reduce=False)
+                out[f"val/{tr}/mel_l1/{name}"] = float(v.mean())
+        mix = multiscale_mel_l1(refs["vocals"] + refs["acc"], est["vocals"] + est["acc"], sample_rate, reduce=False)
+        out[f"val/mix/mel_l1/{name}"] = float(mix.mean())
+    return out
+
+
+@torch.no_grad()
+def score_decoder(decoder: TokenDecoder, tokens, latents: np.ndarray, val_items, train_items, n: int = 0,
+                  batch: int = 8) -> dict[str, float]:
+    """Decode the first `n` (0 = all) segments of the val `tokens` shard (with `latents`, their stored VAE latents)
+    and score them, the VAE ceiling and the baselines against `val_items`' 48 kHz stems (`score`); the
+    mean spectra of `meanspec` come from (up to 64) non-silent stems of `train_items`."""
+    n = min(n, len(val_items)) if n else len(val_items)
+    items = [val_items[i] for i in range(n)]
+    refs = {tr: torch.stack([torch.as_tensor(np.asarray(it[f"wav48_{tr}"]), dtype=torch.float32) for it in items]) for tr in TRACKS}
+    silent = {tr: [bool(it.get(f"silent_{tr}", False)) for it in items] for tr in TRACKS}
+    L = refs["vocals"].shape[1]
+    iv, ia = torch.as_tensor(tokens.vocals[:n]), torch.as_tensor(tokens.accompaniment[:n])
+    dec = {"vocals": [], "acc": []}
+    for s in range(0, n, batch):
+        wv, wa = decoder.decode(iv[s:s + batch], ia[s:s + batch], seed=s)
+        dec["vocals"].append(wv); dec["acc"].append(wa)
+    dec = {tr: torch.cat(v)[:, :L] for tr, v in dec.items()}
+    vl = torch.from_numpy(np.array(latents[:n], dtype=np.float32))
+    ceil = {tr: decoder.vae.decode(vl[:, k])[:, :L] for k, tr in enumerate(TRACKS)}
+    g = torch.Generator().manual_seed(0)
+    meanspec = {}
+    for tr in TRACKS:
+        wavs = (train_items[i][f"wav48_{tr}"] for i in range(min(64, len(train_items)))
+                if not bool(train_items[i].get(f"silent_{tr}", False)))
+        mag = mean_spectrum(wavs)
+        meanspec[tr] = torch.stack([random_phase_audio(mag, L, g) for _ in range(n)])
+    ests = {"decoded": dec, "vae": ceil, "silence": {tr: torch.zeros(n, L) for tr in TRACKS}, "meanspec": meanspec}
+    return {**score(refs, ests, decoder.sample_rate, silent), "val/n": n}

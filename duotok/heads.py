@@ -13,8 +13,8 @@ from .metrics import error_rate, si_sdr
 
 # %% auto #0
 __all__ = ['BLANK_BIAS_GRID', 'match_frames', 'ConvUpsampler', 'CTCHead', 'ctc_loss', 'frame_ce', 'greedy_decode', 'ids_to_text',
-           'cer_wer', 'trivial_asr_baselines', 'id_cer', 'calibrate_blank_bias', 'MelHead', 'ChromaHead', 'MaskHead',
-           'mss_loss', 'separate', 'separation_sisdr']
+           'cer_wer', 'lyric_cer', 'trivial_asr_baselines', 'calibrate_blank_bias', 'fit_blank_bias', 'MelHead',
+           'ChromaHead', 'MaskHead', 'mss_loss', 'separate', 'separation_sisdr']
 
 # %% ../nbs/30_heads.ipynb #a52a4b68
 def match_frames(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -57,7 +57,7 @@ def frame_ce(log_probs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     log_probs (B, T, V); frames (B, T') int64 character id per 25 Hz frame (0 = no lyric = blank), cropped
     or edge-padded to T. Trains the same head the CTC loss trains, so greedy decoding of a head that
     learned it yields the aligned characters (repeats collapsed). The default trains the head with it alone:
-    CTC next to it pulled a weak head back to all-blank (nbs/41, "The CTC blank plateau")."""
+    CTC next to it pulled a weak head back to all-blank (docs/measurements.md, "The CTC blank plateau")."""
     t = log_probs.shape[1]
     frames = match_frames(frames.long(), t)
     return F.nll_loss(rearrange(log_probs, "b t v -> (b t) v"), rearrange(frames, "b t -> (b t)"))
@@ -81,8 +81,12 @@ def ids_to_text(ids, vocab: list[str]) -> str:
     return "".join(vocab[int(i)] for i in ids if int(i) != 0)
 
 def cer_wer(refs: list[str], hyps: list[str]) -> dict[str, float]:
-    "Corpus CER and WER (edits / reference units), NaN when the references are empty."
+    "Corpus CER and WER (edits / reference units, `duotok.metrics.error_rate`), NaN when the references are empty."
     return {"cer": error_rate(refs, hyps, "char"), "wer": error_rate(refs, hyps, "word")}
+
+def lyric_cer(refs: list[list[int]], hyps: list[list[int]], vocab: list[str]) -> float:
+    "Corpus CER of decoded id sequences against reference id sequences, spelled with `vocab` (`cer_wer`'s CER)."
+    return error_rate([ids_to_text(r, vocab) for r in refs], [ids_to_text(h, vocab) for h in hyps], "char")
 
 def trivial_asr_baselines(refs: list[str]) -> dict[str, float]:
     """CER of trivial transcribers on `refs`: all blank (empty output), and the most frequent character
@@ -99,26 +103,34 @@ def trivial_asr_baselines(refs: list[str]) -> dict[str, float]:
 # %% ../nbs/30_heads.ipynb #7430c2c0
 BLANK_BIAS_GRID = tuple(float(b) for b in torch.arange(-6.0, 6.01, 0.5))
 
-def id_cer(refs: list[list[int]], hyps: list[list[int]]) -> float:
-    "Corpus character error rate on id sequences: summed edit distances / summed reference lengths."
-    from torchaudio.functional import edit_distance
-    total = sum(len(r) for r in refs)
-    if total == 0: return float("nan")
-    return sum(edit_distance(r, h) for r, h in zip(refs, hyps)) / total
-
-def calibrate_blank_bias(log_probs: torch.Tensor, refs: list[list[int]],
+def calibrate_blank_bias(log_probs: torch.Tensor, refs: list[list[int]], vocab: list[str],
                          grid=BLANK_BIAS_GRID) -> tuple[float, float]:
-    """The blank bias of `greedy_decode` with the lowest CER on (`log_probs` (N, T, V), `refs` id lists), and that
-    CER; ties go to the bias nearest 0. Fit it on the train split, never on the split you report.
+    """The blank bias of `greedy_decode` with the lowest CER (`lyric_cer`, the CER the stages report) on
+    (`log_probs` (N, T, V), `refs` id lists), and that CER; ties go to the bias nearest 0. Fit it on the train
+    split, never on the split you report.
     Why: a lyric head that is right on few frames is either too shy (mostly blank, CER near 1) or too eager
     (many wrong characters, CER > 1) depending on training length; the decoder's insertion penalty, as in
     classic ASR, is a decoding hyperparameter fitted on held-out or training data."""
     keep = [i for i, r in enumerate(refs) if len(r)]
     if not keep: return 0.0, float("nan")
     lp, rr = log_probs[keep], [refs[i] for i in keep]
-    scores = [(id_cer(rr, greedy_decode(lp, blank_bias=b)), abs(b), b) for b in grid]
+    scores = [(lyric_cer(rr, greedy_decode(lp, blank_bias=b), vocab), abs(b), b) for b in grid]
     cer, _, bias = min(scores)
     return float(bias), float(cer)
+
+def fit_blank_bias(val_metrics: dict, fixed: float | None, vocab: list[str], train_logprobs, validate) -> float:
+    """The blank bias the lyric CER is reported with (stages 2 and 3): `fixed` if given, else fitted on the train
+    split (`calibrate_blank_bias(*train_logprobs(), vocab)`, adds `asr/train_cer_calibrated`). Updates
+    `val_metrics` in place: `asr/cer_bias0` keeps the unbiased CER, the `asr/*` keys of `validate(bias)` (the val
+    metrics decoded with the bias) replace the others, `asr/blank_bias` records it. Returns the bias."""
+    bias = fixed
+    if bias is None:
+        bias, val_metrics["asr/train_cer_calibrated"] = calibrate_blank_bias(*train_logprobs(), vocab)
+    val_metrics["asr/cer_bias0"] = val_metrics.get("asr/cer", float("nan"))
+    val_metrics.update({k: x for k, x in validate(bias).items() if k.startswith("asr/")})
+    val_metrics["asr/blank_bias"] = bias
+    return bias
+
 
 
 # %% ../nbs/30_heads.ipynb #aafdef99

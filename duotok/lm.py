@@ -19,7 +19,7 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['N_SPECIAL', 'PROTOCOLS', 'STREAM_NAMES', 'sos', 'eos', 'pad', 'TokenLMConfig', 'LMOutput', 'TokenLM', 'LMBatch',
-           'build_sequences', 'lm_loss', 'score_lm', 'ppl_metrics', 'stream_metrics', 'unigram_ce',
+           'build_sequences', 'lm_loss', 'score_lm', 'LMObjective', 'ppl_metrics', 'stream_metrics', 'unigram_ce',
            'generate_accompaniment', 'synthetic_streams']
 
 # %% ../nbs/61_lm.ipynb #6d631292
@@ -190,6 +190,15 @@ def score_lm(model: TokenLM, data: LMBatch, batch_size: int = 32, mask: str = "s
         tot_s, tot_c = tot_s + s.double(), tot_c + c.double()
     model.train(was)
     return {STREAM_NAMES[k]: float(tot_s[k] / tot_c[k]) if tot_c[k] > 0 else float("nan") for k in range(model.K)}
+
+# %% ../nbs/61_lm.ipynb #c504dd06
+class LMObjective(nn.Module):
+    "What the evaluate stage trains: `forward(batch of LMBatch items)` -> `lm_loss(model, batch)`."
+    def __init__(self, model: TokenLM):
+        super().__init__()
+        self.model = model
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return lm_loss(self.model, batch)
 
 # %% ../nbs/61_lm.ipynb #d12c8977
 def ppl_metrics(ce_nats: float, V: int) -> dict[str, float]:

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from .config import FreezeConfig, NoiseConfig
+
 # %% auto #0
 __all__ = ['Bottleneck', 'GaussianReplacementNoise', 'ProgressiveFreezer']
 
@@ -25,66 +27,55 @@ class Bottleneck(nn.Module):
 # %% ../nbs/31_noise.ipynb #4a85cd00
 class GaussianReplacementNoise(nn.Module):
     "Training-only bottleneck corruption (see the notebook). z (B, T, d), valid (B, T) bool -> (B, T, d)."
-    def __init__(self, p: float = 0.2, sigma: float = 1.0, mode: str = "replace", sigma_mode: str = "match",
-                 granularity: str = "frame", warmup_steps: int = 0, enabled: bool = True):
+    def __init__(self, cfg: NoiseConfig = NoiseConfig()):
         super().__init__()
-        if not 0.0 <= p <= 1.0: raise ValueError(f"GaussianReplacementNoise: p={p} must be in [0, 1]")
-        if mode not in ("replace", "additive"): raise ValueError(f"GaussianReplacementNoise: mode={mode!r}")
-        if sigma_mode not in ("match", "fixed"): raise ValueError(f"GaussianReplacementNoise: sigma_mode={sigma_mode!r}")
-        if granularity not in ("frame", "element"): raise ValueError(f"GaussianReplacementNoise: granularity={granularity!r}")
-        self.p, self.sigma, self.mode, self.sigma_mode = p, sigma, mode, sigma_mode
-        self.granularity, self.warmup_steps, self.enabled = granularity, warmup_steps, enabled
+        cfg.validate("noise")
+        self.cfg = cfg
         self.step = 0
         self.last_mask: torch.Tensor | None = None
-
-    @classmethod
-    def from_config(cls, c) -> "GaussianReplacementNoise":
-        "From the `finetune.noise` params section (`duotok.config.NoiseConfig`)."
-        return cls(c.p, c.sigma, c.mode, c.sigma_mode, c.granularity, c.warmup_steps, c.enabled)
-
-    def config(self) -> dict:
-        return dict(p=self.p, sigma=self.sigma, mode=self.mode, sigma_mode=self.sigma_mode,
-                    granularity=self.granularity, warmup_steps=self.warmup_steps, enabled=self.enabled)
 
     def set_step(self, step: int) -> None: self.step = step
 
     @property
     def current_p(self) -> float:
-        if not self.enabled: return 0.0
-        if self.warmup_steps <= 0: return self.p
-        return self.p * min(1.0, self.step / self.warmup_steps)
+        c = self.cfg
+        if not c.enabled: return 0.0
+        if c.warmup_steps <= 0: return c.p
+        return c.p * min(1.0, self.step / c.warmup_steps)
 
     def forward(self, z: torch.Tensor, valid: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         self.last_mask = None
         p = self.current_p
         if not self.training or p == 0.0: return z
+        c = self.cfg
         b, t, d = z.shape
-        shape = (b, t, 1) if self.granularity == "frame" else (b, t, d)
+        shape = (b, t, 1) if c.granularity == "frame" else (b, t, d)
         m = (torch.rand(shape, generator=generator) < p).to(z.device)
         if valid is not None: m = m & valid[..., None]
-        if self.sigma_mode == "match":
+        if c.sigma_mode == "match":
             with torch.no_grad():
                 zz = z[valid] if valid is not None else z.reshape(-1, d)          # (N, d)
                 mu, std = zz.mean(0), zz.std(0, unbiased=False)
-            eps = mu + self.sigma * std * torch.randn(z.shape, generator=generator).to(z)
-            if self.mode == "additive": eps = eps - mu
+            eps = mu + c.sigma * std * torch.randn(z.shape, generator=generator).to(z)
+            if c.mode == "additive": eps = eps - mu
         else:
-            eps = self.sigma * torch.randn(z.shape, generator=generator).to(z)
-        self.last_mask = m.expand(b, t, d) if self.granularity == "frame" else m
-        if self.mode == "replace": return torch.where(m, eps, z)
+            eps = c.sigma * torch.randn(z.shape, generator=generator).to(z)
+        self.last_mask = m.expand(b, t, d) if c.granularity == "frame" else m
+        if c.mode == "replace": return torch.where(m, eps, z)
         return z + m * eps
 
 # %% ../nbs/31_noise.ipynb #eb611f90
 class ProgressiveFreezer:
-    """Freeze `units` (ordered bottom-up) as training progresses: 0 before `start_fraction * total_steps`,
-    all from `end_fraction * total_steps`, linearly in between. `apply(step)` is idempotent and monotone."""
-    def __init__(self, units: list[tuple[str, nn.Module]], total_steps: int, start_fraction: float = 0.2,
-                 end_fraction: float = 0.6, enabled: bool = True):
-        if not 0.0 <= start_fraction <= end_fraction <= 1.0:
-            raise ValueError(f"ProgressiveFreezer: need 0 <= start_fraction={start_fraction} <= end_fraction={end_fraction} <= 1")
-        self.units, self.total, self.enabled = units, total_steps, enabled
-        self.s0, self.s1 = start_fraction * total_steps, end_fraction * total_steps
+    """Freeze `units` (ordered bottom-up) as training progresses (`cfg`: the `finetune.freeze` section): 0 before
+    `start_fraction * total_steps`, all from `end_fraction * total_steps`, linearly in between. `apply(step)` is
+    idempotent and monotone."""
+    def __init__(self, units: list[tuple[str, nn.Module]], total_steps: int, cfg: FreezeConfig = FreezeConfig()):
+        if not 0.0 <= cfg.start_fraction <= cfg.end_fraction <= 1.0:
+            raise ValueError(f"ProgressiveFreezer: need 0 <= start_fraction={cfg.start_fraction} <= "
+                             f"end_fraction={cfg.end_fraction} <= 1")
+        self.units, self.total, self.enabled = units, total_steps, cfg.enabled
+        self.s0, self.s1 = cfg.start_fraction * total_steps, cfg.end_fraction * total_steps
 
     def n_frozen(self, step: int) -> int:
         n = len(self.units)

@@ -12,53 +12,13 @@ from einops import rearrange
 from torch import Tensor, nn
 from vector_quantize_pytorch import SimVQ
 
+from .cluster import kmeans, nearest_code
+
 # %% auto #0
-__all__ = ['TRACKS', 'nearest_code', 'kmeans', 'BranchOutput', 'SimVQBranch', 'DualQuantOutput', 'DualCodebook', 'CodeUsage',
-           'codebook_usage']
+__all__ = ['TRACKS', 'BranchOutput', 'SimVQBranch', 'DualQuantOutput', 'DualCodebook', 'build_quantizer', 'quantizer_from_config']
 
 # %% ../nbs/40_quantize.ipynb #7d539480
 TRACKS = ("vocals", "acc")  # index = source label: 0 = vocals, 1 = accompaniment
-
-
-def nearest_code(z: Tensor, codebook: Tensor, chunk: int = 4096) -> Tensor:
-    """Index of the nearest codebook row (Euclidean) for every vector of `z`.
-
-    z: (..., d) float; codebook: (K, d). Returns int64 (...). Works in row chunks of `chunk` vectors so
-    memory stays at `chunk x K` distances (needed for K = 32768 and long songs)."""
-    if z.shape[-1] != codebook.shape[-1]:
-        raise ValueError(f"nearest_code: z has dim {z.shape[-1]} but the codebook has dim {codebook.shape[-1]}")
-    flat = z.reshape(-1, z.shape[-1])
-    out = torch.empty(flat.shape[0], dtype=torch.long, device=z.device)
-    for s in range(0, flat.shape[0], chunk):
-        out[s:s + chunk] = torch.cdist(flat[s:s + chunk][None], codebook[None])[0].argmin(-1)
-    return out.reshape(z.shape[:-1])
-
-def kmeans(x: Tensor, k: int, iters: int = 25, generator: torch.Generator | None = None, chunk: int = 4096) -> Tensor:
-    """Lloyd's k-means of x (N, d) -> centroids (k, d); empty clusters are re-seeded from the points farthest
-    from their centroid. k-means++ seeding (random points with replacement if N < k)."""
-    n = x.shape[0]
-    if n <= k:
-        c = x[torch.randint(0, n, (k,), generator=generator)].clone()
-    else:
-        c = torch.empty(k, x.shape[1], dtype=x.dtype)
-        c[0] = x[torch.randint(0, n, (1,), generator=generator)]
-        d = (x - c[0]).pow(2).sum(-1)
-        for j in range(1, k):
-            i = torch.multinomial(d.double() / d.double().sum() if d.sum() > 0 else torch.ones(n, dtype=torch.double), 1,
-                                  generator=generator)
-            c[j] = x[i]
-            d = torch.minimum(d, (x - c[j]).pow(2).sum(-1))
-    for _ in range(iters):
-        a = nearest_code(x, c, chunk)
-        sums = torch.zeros_like(c).index_add_(0, a, x)
-        cnt = torch.bincount(a, minlength=k).to(x.dtype)
-        empty = cnt == 0
-        c = torch.where(empty[:, None], c, sums / cnt.clamp_min(1)[:, None])
-        if empty.any():
-            d = (x - c[a]).pow(2).sum(-1)
-            far = d.topk(int(empty.sum())).indices
-            c[empty] = x[far]
-    return c
 
 # %% ../nbs/40_quantize.ipynb #ab265d21
 @dataclass
@@ -261,33 +221,15 @@ class DualCodebook(nn.Module):
                 out = out.index_copy(0, sel, o)
         return out
 
-# %% ../nbs/40_quantize.ipynb #8b4a7638
-class CodeUsage:
-    """Running code counts for one codebook of size K. `update(ids)` with any int tensor of ids."""
+# %% ../nbs/40_quantize.ipynb #c0a56051
+def build_quantizer(width: int, code_dim: int, cfg, audio) -> DualCodebook:
+    "The dual codebook of the `codebook` section `cfg`: `audio.codebook_size` codes per track, seeded by `cfg.train.seed`."
+    return DualCodebook(width, code_dim, audio.codebook_size, cfg.beta, cfg.gradient == "rotation", cfg.train.seed,
+                        cfg.transform)
 
-    def __init__(self, codebook_size: int):
-        self.codebook_size = int(codebook_size)
-        self.counts = torch.zeros(self.codebook_size, dtype=torch.long)
-
-    def update(self, ids: Tensor) -> "CodeUsage":
-        ids = ids.detach().reshape(-1).long().cpu()
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.codebook_size):
-            raise ValueError(f"CodeUsage: ids outside [0, {self.codebook_size})")
-        self.counts += torch.bincount(ids, minlength=self.codebook_size)
-        return self
-
-    def stats(self) -> dict[str, float]:
-        """{"used_frac", "perplexity", "dead", "n_tokens"}."""
-        n = int(self.counts.sum())
-        if n == 0:
-            return {"used_frac": 0.0, "perplexity": 0.0, "dead": float(self.codebook_size), "n_tokens": 0.0}
-        p = self.counts.double() / n
-        ent = -(p[p > 0] * p[p > 0].log()).sum()
-        used = int((self.counts > 0).sum())
-        return {"used_frac": used / self.codebook_size, "perplexity": float(ent.exp()),
-                "dead": float(self.codebook_size - used), "n_tokens": float(n)}
-
-
-def codebook_usage(ids: Tensor, codebook_size: int) -> dict[str, float]:
-    """Usage stats of one batch of ids (see `CodeUsage.stats`)."""
-    return CodeUsage(codebook_size).update(ids).stats()
+def quantizer_from_config(cfg: dict, where: str = "checkpoint") -> DualCodebook:
+    "The untrained `DualCodebook` of a stored codebook checkpoint config (its `codebook`, `audio`, `encoder`, `code_dim`)."
+    from duotok.config import expect_kind, read_section
+    expect_kind(cfg, "codebook", where)
+    return build_quantizer(read_section(cfg, "encoder", where).width, int(cfg["code_dim"]),
+                           read_section(cfg, "codebook", where), read_section(cfg, "audio", where))

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .models.encoder import EncoderConfig, MusicEncoder
+from .config import AudioConfig, SSLConfig, checkpoint_config, expect_kind, read_section
+from .models.encoder import MusicEncoder, encoder_from_config
 
 # %% auto #0
-__all__ = ['RandomProjectionTargets', 'span_mask', 'BestRQConfig', 'BestRQOutput', 'BestRQ', 'bestrq_loss', 'bestrq_validate',
-           'save_bestrq', 'load_bestrq', 'load_encoder']
+__all__ = ['RandomProjectionTargets', 'span_mask', 'BestRQOutput', 'BestRQ', 'bestrq_loss', 'build_bestrq', 'bestrq_validate',
+           'save_bestrq', 'load_bestrq']
 
 # %% ../nbs/21_ssl.ipynb #4058d31b
 class RandomProjectionTargets(nn.Module):
@@ -54,17 +55,6 @@ def span_mask(batch: int, n_tokens: int, span: int, prob: float, generator: torc
     return torch.gather(chosen, 1, block).to(device)
 
 # %% ../nbs/21_ssl.ipynb #07ce0b18
-@dataclass(frozen=True)
-class BestRQConfig:
-    "Objective settings (from the `ssl` params section); stored with the checkpoint."
-    mask_span_s: float = 0.4
-    mask_prob: float = 0.6
-    mask_noise_std: float = 0.1
-    rpq_codebooks: int = 1
-    rpq_codebook_size: int = 1024
-    rpq_dim: int = 16
-    rpq_seed: int = 0
-
 @dataclass
 class BestRQOutput:
     "logits (B, T, K, V); targets (B, T, K); token_mask (B, T) True = masked; valid (B, T) bool."
@@ -75,22 +65,24 @@ class BestRQOutput:
     losses: dict[str, torch.Tensor]
 
 class BestRQ(nn.Module):
-    "Encoder + frozen random-projection targets + linear prediction head (one per codebook)."
-    def __init__(self, encoder: MusicEncoder, cfg: BestRQConfig):
+    "Encoder + frozen random-projection targets + linear prediction head (one per codebook). `cfg`: the `ssl` section."
+    def __init__(self, encoder: MusicEncoder, cfg: SSLConfig):
         super().__init__()
+        if encoder.cfg != cfg.encoder:
+            raise ValueError(f"BestRQ: the encoder's architecture {encoder.cfg} is not ssl.encoder {cfg.encoder}")
         self.encoder, self.cfg = encoder, cfg
-        ec = encoder.cfg
-        self.quantizer = RandomProjectionTargets(ec.n_mels * ec.downsample, cfg.rpq_codebook_size, cfg.rpq_dim,
-                                                 cfg.rpq_codebooks, seed=cfg.rpq_seed)
-        self.head = nn.Linear(ec.width, cfg.rpq_codebooks * cfg.rpq_codebook_size)
+        a = encoder.audio
+        self.quantizer = RandomProjectionTargets(a.n_mels * a.downsample, cfg.rpq_codebook_size, cfg.rpq_dim,
+                                                 cfg.rpq_codebooks, seed=cfg.train.seed)
+        self.head = nn.Linear(cfg.encoder.width, cfg.rpq_codebooks * cfg.rpq_codebook_size)
 
     @property
     def span_tokens(self) -> int:
-        return max(1, int(round(self.cfg.mask_span_s * self.encoder.cfg.token_rate)))
+        return max(1, int(round(self.cfg.mask_span_s * self.encoder.audio.token_rate)))
 
     def targets(self, mel: torch.Tensor) -> torch.Tensor:
         "Target ids (B, T, K) of raw log-mel (B, n_mels, F): standardise, stack 4 frames, quantize."
-        ds = self.encoder.cfg.downsample
+        ds = self.encoder.audio.downsample
         x = self.encoder.normalize(mel)
         x = F.pad(x, (0, (-x.shape[-1]) % ds))
         return self.quantizer(rearrange(x, "b m (t s) -> b t (s m)", s=ds))
@@ -99,7 +91,7 @@ class BestRQ(nn.Module):
                 generator: torch.Generator | None = None) -> BestRQOutput:
         """mel (B, n_mels, F) raw log-mel at 100 Hz; mask (B, F) bool valid frames.
         Masks spans, replaces masked frames by N(0, mask_noise_std), predicts the targets."""
-        ec, ds = self.encoder.cfg, self.encoder.cfg.downsample
+        ds = self.encoder.audio.downsample
         b, _, n_frames = mel.shape
         targets = self.targets(mel)                                               # (B, T, K)
         n_tok = targets.shape[1]
@@ -123,8 +115,16 @@ class BestRQ(nn.Module):
         return BestRQOutput(logits, targets, tmask, valid, losses)
 
 def bestrq_loss(model: BestRQ, batch: dict) -> dict[str, torch.Tensor]:
-    "The `fit` objective: batch['mel_mix'] (B, n_mels, F) -> namespaced loss dict (`mlm/ce` + metrics)."
+    """The `fit` loss function: batch['mel_mix'] (B, n_mels, F) -> namespaced loss dict (`mlm/ce` + metrics).
+    Only calls the model (DDP-safe: no attribute of a wrapped model is read)."""
     return model(batch["mel_mix"], batch.get("mel_mask")).losses
+
+def build_bestrq(cfg: SSLConfig, audio: AudioConfig, manifest: dict | None = None) -> BestRQ:
+    "A fresh BEST-RQ model from the `ssl` section; encoder input normalisation from the preprocess manifest's mel stats."
+    enc = MusicEncoder(cfg.encoder, audio)
+    if manifest is not None and "mel_mean" in manifest:
+        enc.set_normalization(manifest["mel_mean"], manifest["mel_std"])
+    return BestRQ(enc, cfg)
 
 @torch.no_grad()
 def bestrq_validate(model: BestRQ, loader, seed: int = 1234, max_batches: int | None = None) -> dict[str, float]:
@@ -155,26 +155,16 @@ def bestrq_validate(model: BestRQ, loader, seed: int = 1234, max_batches: int | 
                                                       .mul(counts / counts.sum(-1, keepdim=True)).sum(-1)).mean())}
 
 # %% ../nbs/21_ssl.ipynb #37b4bf3b
-from dataclasses import asdict
-
 from .checkpoint import load_checkpoint, save_checkpoint
 
-def save_bestrq(dir, model: BestRQ, extra: dict | None = None):
-    "Write `dir/model.safetensors` + `dir/model.json` (config: encoder + bestrq [+ extra])."
-    cfg = {"kind": "bestrq", "encoder": model.encoder.cfg.to_dict(), "bestrq": asdict(model.cfg), **(extra or {})}
-    return save_checkpoint(dir, model, cfg)
+def save_bestrq(dir, model: BestRQ):
+    "Write `dir/model.safetensors` + `dir/model.json` (the `ssl` and `audio` sections, the encoder architecture)."
+    return save_checkpoint(dir, model, checkpoint_config("ssl", model.cfg, model.encoder.audio, encoder=model.cfg.encoder))
 
 def load_bestrq(dir) -> BestRQ:
     "Rebuild a `BestRQ` from an ssl checkpoint (weights + quantizer buffers)."
     sd, cfg = load_checkpoint(dir)
-    if cfg.get("kind") != "bestrq": raise ValueError(f"{dir}: not a BEST-RQ checkpoint (kind={cfg.get('kind')!r})")
-    model = BestRQ(MusicEncoder(EncoderConfig.from_dict(cfg["encoder"])), BestRQConfig(**cfg["bestrq"]))
+    expect_kind(cfg, "ssl", f"{dir}/model.json")
+    model = BestRQ(encoder_from_config(cfg, str(dir)), read_section(cfg, "ssl", str(dir)))
     model.load_state_dict(sd)
     return model
-
-def load_encoder(dir) -> MusicEncoder:
-    "The encoder of an ssl (or any checkpoint whose keys are `encoder.*` and config has `encoder`)."
-    sd, cfg = load_checkpoint(dir)
-    enc = MusicEncoder(EncoderConfig.from_dict(cfg["encoder"]))
-    enc.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
-    return enc

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .config import AudioConfig, read_section
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['TOKEN_FORMAT', 'TOKEN_FORMAT_VERSION', 'TOKENIZER_FORMAT', 'TokenFileError', 'DualTokens', 'build_quantizer',
-           'build_encoder', 'token_state_dict', 'TokenEncoder', 'tokenize_split', 'Decoded', 'stream_log_mel', 'DuoTok',
-           'package_encoder']
+__all__ = ['TOKEN_FORMAT', 'TOKEN_FORMAT_VERSION', 'TOKENIZER_FORMAT', 'TokenFileError', 'DualTokens', 'token_state_dict',
+           'TokenEncoder', 'tokenize_split', 'Decoded', 'stream_log_mel', 'DuoTok', 'package_encoder']
 
 # %% ../nbs/42_tokenizer.ipynb #9758fdda
 TOKEN_FORMAT = "duotok-tokens"
@@ -168,19 +168,6 @@ def _to_numpy(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 # %% ../nbs/42_tokenizer.ipynb #4c560fc0
-def build_quantizer(qcfg: dict):
-    "DualCodebook from its stored config dict."
-    from duotok.quantize import DualCodebook
-    return DualCodebook(qcfg["dim"], qcfg["code_dim"], tuple(qcfg["codebook_sizes"]), qcfg.get("beta", 0.25),
-                        qcfg.get("rotation_trick", False), qcfg.get("seed", 0), qcfg.get("transform", "linear"))
-
-
-def build_encoder(ecfg: dict) -> nn.Module:
-    "MusicEncoder from its stored config dict (the checkpoint's, never params.yaml)."
-    from duotok.models.encoder import EncoderConfig, MusicEncoder
-    return MusicEncoder(EncoderConfig.from_dict(ecfg))
-
-
 _LOWER_PREFIXES = ("encoder.mel_mean", "encoder.mel_std", "encoder.subsampler.", "encoder.lower_blocks.",
                    "quantizer.")
 
@@ -192,26 +179,24 @@ def token_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 class TokenEncoder(nn.Module):
     """Frozen mel -> token ids. `encoder` has `.lower(mel) -> (B, T, D)` (raw log-mel in, 25 Hz out);
-    `quantizer` is a `DualCodebook`. Always in eval mode, no gradients."""
+    `quantizer` is a `DualCodebook`; `config` the codebook stage's checkpoint config they were built from
+    (its `audio` section and `model_id` are read from it). Always in eval mode, no gradients."""
 
-    def __init__(self, encoder: nn.Module, quantizer: nn.Module, audio: dict, model_id: str = "",
-                 config: dict | None = None):
+    def __init__(self, encoder: nn.Module, quantizer: nn.Module, config: dict):
         super().__init__()
-        self.encoder, self.quantizer = encoder, quantizer
-        self.audio = dict(audio)
-        self.model_id = model_id
-        self.config = config or {}
+        self.encoder, self.quantizer, self.config = encoder, quantizer, dict(config)
+        self.audio: AudioConfig = read_section(self.config, "audio")
+        self.model_id = str(self.config.get("model_id", ""))
         self.requires_grad_(False).eval()
 
     @property
     def codebook_sizes(self) -> tuple[int, int]: return tuple(self.quantizer.codebook_sizes)
     @property
-    def token_rate(self) -> int: return int(self.audio["token_rate"])
+    def token_rate(self) -> int: return int(self.audio.token_rate)
     @property
-    def n_mels(self) -> int: return int(self.audio["n_mels"])
+    def n_mels(self) -> int: return int(self.audio.n_mels)
     @property
-    def downsample(self) -> int:
-        return int(self.audio["encoder_sample_rate"] // self.audio["hop_length"] // self.audio["token_rate"])
+    def downsample(self) -> int: return int(self.audio.downsample)
     @property
     def bits_per_second(self) -> float:
         "token_rate x (log2 K_vocals + log2 K_acc) = 2 x token_rate x log2 K."
@@ -224,12 +209,11 @@ class TokenEncoder(nn.Module):
     def from_checkpoint(cls, dir: str | os.PathLike, name: str = "model", device: str = "cpu") -> "TokenEncoder":
         "From `outputs/codebook/` or a packaged `dir/encoder/` (safetensors + JSON config, no pickle)."
         from duotok.checkpoint import load_checkpoint
+        from duotok.models.encoder import encoder_from_config
+        from duotok.quantize import quantizer_from_config
         sd, cfg = load_checkpoint(dir, name, device=device)
-        for k in ("encoder", "quantizer", "audio"):
-            if k not in cfg:
-                raise ValueError(f"{dir}/{name}.json: config lacks '{k}'; is this a codebook-stage checkpoint?")
-        te = cls(build_encoder(cfg["encoder"]), build_quantizer(cfg["quantizer"]), cfg["audio"],
-                 cfg.get("model_id", Path(dir).name), cfg)
+        where = f"{dir}/{name}.json"
+        te = cls(encoder_from_config(cfg, where), quantizer_from_config(cfg, where), cfg)
         sd = token_state_dict(sd)
         need = token_state_dict(te.state_dict())
         missing = sorted(set(need) - set(sd))
@@ -241,9 +225,7 @@ class TokenEncoder(nn.Module):
     def save(self, dir: str | os.PathLike, name: str = "model") -> Path:
         "Write only what tokens depend on (the packaged `encoder/` folder)."
         from duotok.checkpoint import save_checkpoint
-        cfg = {**self.config, "audio": self.audio, "model_id": self.model_id}
-        cfg["quantizer"] = self.config.get("quantizer") or _quantizer_config(self.quantizer)
-        return save_checkpoint(dir, token_state_dict(self.state_dict()), cfg, name)
+        return save_checkpoint(dir, token_state_dict(self.state_dict()), {**self.config, "model_id": self.model_id}, name)
 
     def lower(self, mel: Tensor) -> Tensor:
         "(B, n_mels, F) raw log-mel -> (B, ceil(F/4), D) lower-half features."
@@ -266,17 +248,10 @@ class TokenEncoder(nn.Module):
         ids = self.quantizer.encode(self.lower(mel), label, chunk)
         return ids[:B], ids[B:]
 
-
-def _quantizer_config(q) -> dict:
-    b = q.branches["vocals"]
-    return {"dim": q.dim, "code_dim": q.code_dim, "codebook_sizes": list(q.codebook_sizes), "beta": b.beta,
-            "rotation_trick": bool(b.vq.rotation_trick), "transform": b.transform}
-
 # %% ../nbs/42_tokenizer.ipynb #c4ecda17
-def tokenize_split(encoder: TokenEncoder, dataset, batch_size: int = 32, progress: bool = False) -> dict:
+def tokenize_split(encoder: TokenEncoder, dataset, batch_size: int = 32, progress: bool = False) -> DualTokens:
     """Tokenize every item of `dataset` (a `duotok.data.SegmentDataset` or any sequence of dicts with
-    `mel_vocals`, `mel_acc` (n_mels, F) and `segment`). Returns `dict(vocals=(N, T) int64 np.ndarray,
-    acc=(N, T), segment=[N ids])` in dataset order."""
+    `mel_vocals`, `mel_acc` (n_mels, F) and `segment`) -> a `DualTokens` shard (N, T) in dataset order."""
     from tqdm.auto import tqdm
     n = len(dataset)
     vs, accs, segs = [], [], []
@@ -291,11 +266,8 @@ def tokenize_split(encoder: TokenEncoder, dataset, batch_size: int = 32, progres
         iv, ia = encoder.encode_mels(mv, ma)
         vs.append(iv.cpu().numpy()); accs.append(ia.cpu().numpy())
         segs += [str(it.get("segment", s + j)) for j, it in enumerate(items)]
-    T = None
-    if not vs:
-        return {"vocals": np.zeros((0, 0), np.int64), "acc": np.zeros((0, 0), np.int64), "segment": []}
-    return {"vocals": np.concatenate(vs).astype(np.int64), "acc": np.concatenate(accs).astype(np.int64),
-            "segment": segs}
+    cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros((0, 0), np.int64)
+    return DualTokens(cat(vs), cat(accs), encoder.token_rate, encoder.codebook_sizes, encoder.model_id, segs)
 
 # %% ../nbs/42_tokenizer.ipynb #7572f347
 TOKENIZER_FORMAT = "duotok-tokenizer"
@@ -322,7 +294,7 @@ def _as_2d(x, name: str) -> Tensor:
     return t
 
 
-def stream_log_mel(x, sr: int, audio: dict, pad_to: int | None = None, block_s: float = 30.0,
+def stream_log_mel(x, sr: int, audio: AudioConfig, pad_to: int | None = None, block_s: float = 30.0,
                    name: str = "audio") -> Tensor:
     """Audio (L,) / (C, L) at `sr` -> raw natural-log mel (n_mels, n_frames) at the encoder rate, computed in
     blocks of `block_s` seconds so memory stays O(block) beyond one 24 kHz mono copy of the song.
@@ -333,10 +305,9 @@ def stream_log_mel(x, sr: int, audio: dict, pad_to: int | None = None, block_s: 
     reflect-padded signal. The 24 kHz signal is zero-padded at the end to `pad_to` samples if given; the
     result has `len // hop + 1` frames, as `duotok.audio.log_mel`."""
     import math as _m
-    import torchaudio
-    from duotok.audio import resample
+    from duotok.audio import log_mel, resample
     t = _as_2d(x, name)
-    sr24, hop, n_fft = int(audio["encoder_sample_rate"]), int(audio["hop_length"]), int(audio["n_fft"])
+    sr24, hop, n_fft, n_mels = int(audio.encoder_sample_rate), int(audio.hop_length), int(audio.n_fft), int(audio.n_mels)
     L = t.shape[-1]
     g = _m.gcd(int(sr), sr24); u_in, u_out = int(sr) // g, sr24 // g
     L24 = -(-L * u_out // u_in)
@@ -359,13 +330,11 @@ def stream_log_mel(x, sr: int, audio: dict, pad_to: int | None = None, block_s: 
     pad = n_fft // 2
     wp = torch.nn.functional.pad(w[None, None], (pad, pad), mode="reflect")[0, 0]
     del w
-    mel_t = torchaudio.transforms.MelSpectrogram(sample_rate=sr24, n_fft=n_fft, hop_length=hop, n_mels=int(audio["n_mels"]),
-                                                 power=2.0, norm="slaney", mel_scale="slaney", center=False)
-    out = torch.empty(int(audio["n_mels"]), n_frames)
+    out = torch.empty(n_mels, n_frames)
     fb = max(1, int(block_s * sr24 / hop))
-    for f0 in range(0, n_frames, fb):
+    for f0 in range(0, n_frames, fb):                                    # the encoder's front end, on padded blocks
         f1 = min(n_frames, f0 + fb)
-        out[:, f0:f1] = mel_t(wp[f0 * hop:(f1 - 1) * hop + n_fft]).clamp_min(1e-5).log()
+        out[:, f0:f1] = log_mel(wp[f0 * hop:(f1 - 1) * hop + n_fft], sr24, n_fft, hop, n_mels, center=False)
     return out
 
 
@@ -415,7 +384,7 @@ class DuoTok:
         """Audio (L,) / (C, L) at `sr` -> (n_mels, 4 T) raw log-mel at 100 Hz, T = ceil(L24 / samples per
         token) (`stream_log_mel`: downmix, resample, mel in blocks)."""
         a = self.encoder.audio
-        sr24 = int(a["encoder_sample_rate"])
+        sr24 = int(a.encoder_sample_rate)
         L = _as_2d(x, name).shape[-1]
         L24 = -(-L * sr24 // int(sr))
         T = max(1, -(-L24 // (sr24 // self.token_rate)))                # ceil(L24 / 960)
@@ -426,7 +395,6 @@ class DuoTok:
     def encode_mels(self, mel_vocals: Tensor, mel_acc: Tensor, progress: bool = False) -> tuple[Tensor, Tensor]:
         """(n_mels, F) x 2 -> ids (T,) x 2 with windowing (see the notebook). F must be a multiple of 4."""
         ds = self.encoder.downsample
-        fr = int(self.encoder.audio["encoder_sample_rate"] // self.encoder.audio["hop_length"])
         F_ = mel_vocals.shape[-1]
         if mel_vocals.shape != mel_acc.shape or F_ % ds:
             raise ValueError(f"DuoTok.encode_mels: need equal shapes with F % {ds} == 0, got "
@@ -494,7 +462,7 @@ class DuoTok:
         wv, wa = self.decoder.decode(iv, ia)
         wv, wa = _to_numpy(wv).astype(np.float32), _to_numpy(wa).astype(np.float32)
         if not tokens.is_shard: wv, wa = wv[0], wa[0]
-        sr = int(getattr(self.decoder, "sample_rate", self.encoder.audio.get("sample_rate", 48000)))
+        sr = int(getattr(self.decoder, "sample_rate", self.encoder.audio.sample_rate))
         return Decoded(wv, wa, wv + wa, sr)
 
 
@@ -511,6 +479,6 @@ def package_encoder(codebook_dir: str | os.PathLike, out_dir: str | os.PathLike,
     atomic_write_json(out_dir / "tokenizer.json", {
         "format": TOKENIZER_FORMAT, "version": 1, "model_id": te.model_id, "token_rate": te.token_rate,
         "codebook_sizes": list(te.codebook_sizes), "bits_per_second": te.bits_per_second,
-        "kbps": te.bits_per_second / 1000, "encoder_sample_rate": te.audio["encoder_sample_rate"],
-        "sample_rate": te.audio.get("sample_rate", 48000)})
+        "kbps": te.bits_per_second / 1000, "encoder_sample_rate": te.audio.encoder_sample_rate,
+        "sample_rate": te.audio.sample_rate})
     return out_dir

@@ -10,15 +10,21 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import dataclasses
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio.functional as AF
 from einops import rearrange
 
+from .config import AudioConfig, VAEConfig, checkpoint_config, expect_kind, read_section
+
 # %% auto #0
-__all__ = ['VAEOutput', 'DuoVAE', 'multi_resolution_stft_loss', 'WaveDiscriminator', 'VAEWithDisc', 'vae_loss', 'ConvNeXtBlock',
-           'STFTVAE', 'PretrainedOobleck', 'build_vae', 'load_vae', 'synthetic_stems']
+__all__ = ['STEMS', 'VAEOutput', 'DuoVAE', 'multi_resolution_stft_loss', 'WaveDiscriminator', 'vae_loss', 'VAEObjective',
+           'ConvNeXtBlock', 'STFTVAE', 'PretrainedOobleck', 'build_vae', 'save_vae', 'load_vae', 'synthetic_stems',
+           'StemCrops', 'evaluate_vae']
 
 # %% ../nbs/50_vae.ipynb #5889622b
 @dataclass
@@ -172,27 +178,13 @@ class WaveDiscriminator(nn.Module):
         return outs
 
 
-class VAEWithDisc(nn.Module):
-    """Container trained by `duotok.train.fit` when the adversarial term is on: `.vae` + `.disc`."""
-
-    def __init__(self, vae: DuoVAE, disc: WaveDiscriminator | None = None):
-        super().__init__()
-        self.vae, self.disc = vae, disc
-
-    def forward(self, wav):
-        return self.vae(wav)
-
-
-def vae_loss(model: nn.Module, wav: torch.Tensor, adversarial: bool = False,
+def vae_loss(vae: nn.Module, wav: torch.Tensor, disc: WaveDiscriminator | None = None,
              generator: torch.Generator | None = None, mel: bool = True, stft: bool = True) -> dict[str, torch.Tensor]:
     """Namespaced VAE losses for a batch of waveforms wav (B, L) at 48 kHz.
 
-    model: a `DuoVAE` or a `VAEWithDisc` (required when `adversarial`). Returns `wave/l1`, `kl`,
-    `mel/l1` (if `mel`: the protocol's multi-scale log-mel L1, `duotok.metrics.multiscale_mel_l1`, as
-    DAC trains with), `stft/mr` (if `stft`) and, if adversarial, `adv/gen`, `adv/feat`, `adv/disc`."""
-    vae = model.vae if isinstance(model, VAEWithDisc) else model
-    if adversarial and getattr(model, "disc", None) is None:
-        raise ValueError("vae_loss(adversarial=True) needs a VAEWithDisc model with a discriminator")
+    Returns `wave/l1`, `kl`, `mel/l1` (if `mel`: the protocol's multi-scale log-mel L1,
+    `duotok.metrics.multiscale_mel_l1`, as DAC trains with), `stft/mr` (if `stft`) and, with a discriminator
+    `disc`, `adv/gen`, `adv/feat`, `adv/disc`."""
     out = vae(wav, sample=True, generator=generator)
     losses = {"wave/l1": (out.recon - wav).abs().mean(), "kl": out.kl}
     if stft:
@@ -200,8 +192,7 @@ def vae_loss(model: nn.Module, wav: torch.Tensor, adversarial: bool = False,
     if mel:
         from duotok.metrics import multiscale_mel_l1
         losses["mel/l1"] = multiscale_mel_l1(wav, out.recon, vae.sample_rate)
-    if adversarial:
-        disc = model.disc
+    if disc is not None:
         real = disc(wav)
         fake_d = disc(out.recon.detach())
         losses["adv/disc"] = sum(F.relu(1 - r[-1]).mean() + F.relu(1 + f[-1]).mean()
@@ -213,6 +204,20 @@ def vae_loss(model: nn.Module, wav: torch.Tensor, adversarial: bool = False,
         losses["adv/feat"] = sum((a - b.detach()).abs().mean() for fr, rr in zip(fake_g, real)
                                  for a, b in zip(fr[:-1], rr[:-1])) / len(fake_g)
     return losses
+
+
+class VAEObjective(nn.Module):
+    """What the `vae` stage trains: `vae` and, when an `adv/*` weight of `lambdas` is positive, a
+    `WaveDiscriminator` `disc`. `forward(wav (B, L))` -> `vae_loss` with the terms `lambdas` switches on
+    (`mel/l1`, `stft/mr` only when weighted)."""
+    def __init__(self, vae: nn.Module, lambdas: dict[str, float]):
+        super().__init__()
+        self.vae = vae
+        self.disc = WaveDiscriminator() if any(k.startswith("adv/") and w > 0 for k, w in lambdas.items()) else None
+        self.use_mel, self.use_stft = lambdas.get("mel/l1", 0) > 0, lambdas.get("stft/mr", 0) > 0
+
+    def forward(self, wav: torch.Tensor) -> dict[str, torch.Tensor]:
+        return vae_loss(self.vae, wav, self.disc, mel=self.use_mel, stft=self.use_stft)
 
 # %% ../nbs/50_vae.ipynb #fab8e0da
 class ConvNeXtBlock(nn.Module):
@@ -331,22 +336,31 @@ class PretrainedOobleck(nn.Module):
         return _fit_length(y, n_wav)
 
 
-def build_vae(cfg: dict) -> DuoVAE | STFTVAE | PretrainedOobleck:
-    """Build the VAE described by a checkpoint config dict: keys of `VAEConfig` (`pretrained`, `arch`,
-    `width`, `layers`, `n_fft`, `frame_hop`, `latent_dim`, `encoder_hidden_size`, `decoder_channels`, `downsampling_ratios`, `channel_multiples`)
-    `sample_rate` and `hop`."""
-    sr = int(cfg.get("sample_rate", 48000))
-    if cfg.get("pretrained"):
-        return PretrainedOobleck(cfg["pretrained"], sample_rate=sr)
-    arch = cfg.get("arch", "oobleck")  # checkpoints written before `arch` existed are Oobleck VAEs
-    if arch == "stft":
-        return STFTVAE(latent_dim=cfg["latent_dim"], width=cfg["width"], layers=cfg["layers"], n_fft=cfg["n_fft"],
-                       frame_hop=cfg["frame_hop"], hop=int(cfg.get("hop", 960)), sample_rate=sr)
-    if arch != "oobleck":
-        raise ValueError(f"vae.arch={arch!r}: use 'stft' or 'oobleck'")
-    return DuoVAE(latent_dim=cfg["latent_dim"], encoder_hidden_size=cfg["encoder_hidden_size"],
-                  decoder_channels=cfg["decoder_channels"], downsampling_ratios=cfg["downsampling_ratios"],
-                  channel_multiples=cfg["channel_multiples"], sample_rate=sr)
+def build_vae(cfg: VAEConfig, audio: AudioConfig) -> DuoVAE | STFTVAE | PretrainedOobleck:
+    """The VAE of the `vae` section `cfg` at the `audio` section's rate and latent hop (`sample_rate`,
+    `vae_hop`): `STFTVAE` (`arch: stft`), `DuoVAE` (`arch: oobleck`), or the `PretrainedOobleck` adapter
+    around the folder `cfg.pretrained`."""
+    sr, hop = int(audio.sample_rate), int(audio.vae_hop)
+    if cfg.pretrained:
+        return PretrainedOobleck(cfg.pretrained, sample_rate=sr, latent_rate=sr / hop)
+    if cfg.arch == "stft":
+        return STFTVAE(latent_dim=cfg.latent_dim, width=cfg.width, layers=cfg.layers, n_fft=cfg.n_fft,
+                       frame_hop=cfg.frame_hop, hop=hop, sample_rate=sr)
+    if cfg.arch != "oobleck":
+        raise ValueError(f"vae.arch={cfg.arch!r}: use 'stft' or 'oobleck'")
+    if math.prod(cfg.downsampling_ratios) != hop:
+        raise ValueError(f"vae.downsampling_ratios {list(cfg.downsampling_ratios)} multiply to "
+                         f"{math.prod(cfg.downsampling_ratios)}, not audio.vae_hop={hop}")
+    return DuoVAE(latent_dim=cfg.latent_dim, encoder_hidden_size=cfg.encoder_hidden_size,
+                  decoder_channels=cfg.decoder_channels, downsampling_ratios=cfg.downsampling_ratios,
+                  channel_multiples=cfg.channel_multiples, sample_rate=sr)
+
+
+def save_vae(dir: str | Path, vae: nn.Module, cfg: VAEConfig, audio: AudioConfig, name: str = "vae") -> Path:
+    """`dir/{name}.safetensors` + `.json` with the `vae` and `audio` sections (`checkpoint_config`). A pretrained
+    VAE stores no weights: its folder (`cfg.pretrained`) is the source."""
+    from duotok.checkpoint import save_checkpoint
+    return save_checkpoint(dir, {} if cfg.pretrained else vae, checkpoint_config("vae", cfg, audio), name=name)
 
 
 def load_vae(ckpt_dir: str | Path, name: str = "vae") -> DuoVAE | STFTVAE | PretrainedOobleck:
@@ -355,12 +369,14 @@ def load_vae(ckpt_dir: str | Path, name: str = "vae") -> DuoVAE | STFTVAE | Pret
     only the config); a relative `pretrained` path is relative to `ckpt_dir` (packaged tokenizers)."""
     from duotok.checkpoint import load_checkpoint
     from duotok.core import freeze
-    state, cfg = load_checkpoint(ckpt_dir, name=name)
-    cfg = dict(cfg.get("vae", cfg))
-    if cfg.get("pretrained") and not Path(cfg["pretrained"]).is_absolute():
-        cfg["pretrained"] = str(Path(ckpt_dir) / cfg["pretrained"])  # packaged copy beside the checkpoint
-    vae = build_vae(cfg)
-    if not cfg.get("pretrained"):
+    state, ck = load_checkpoint(ckpt_dir, name=name)
+    where = f"{ckpt_dir}/{name}.json"
+    expect_kind(ck, "vae", where)
+    cfg, audio = read_section(ck, "vae", where), read_section(ck, "audio", where)
+    if cfg.pretrained and not Path(cfg.pretrained).is_absolute():
+        cfg = dataclasses.replace(cfg, pretrained=str(Path(ckpt_dir) / cfg.pretrained))  # packaged copy beside it
+    vae = build_vae(cfg, audio)
+    if not cfg.pretrained:
         vae.load_state_dict(state)
     return freeze(vae)
 
@@ -386,3 +402,60 @@ def synthetic_stems(n: int, seconds: float = 1.0, sample_rate: int = 48000, seed
         items.append({"wav48_vocals": (0.2 * voice * env).float(), "wav48_acc": (0.3 * bass + 0.2 * hits).float(),
                       "silent_vocals": False, "silent_acc": False, "segment": f"synthetic-{seed}-{i}"})
     return items
+
+# %% ../nbs/50_vae.ipynb #46b934c2
+STEMS = {"vocals": "wav48_vocals", "acc": "wav48_acc"}
+"Track name -> dataset field of its 48 kHz stem."
+
+
+class StemCrops(torch.utils.data.Dataset):
+    """Random `crop`-sample crops of single stems of a segment dataset (items with `wav48_vocals`,
+    `wav48_acc`, `silent_vocals`, `silent_acc`). Item -> float32 (crop,) waveform."""
+
+    def __init__(self, base, crop: int, seed: int = 0):
+        self.base, self.crop = base, crop
+        self.pairs = []
+        for i in range(len(base)):
+            item = base[i]
+            for stem, field in STEMS.items():
+                if not bool(item.get(f"silent_{stem}", False)):
+                    self.pairs.append((i, field))
+        if not self.pairs:
+            raise ValueError("StemCrops: every stem of the dataset is silent; nothing to train the VAE on")
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, k):
+        i, field = self.pairs[k]
+        wav = torch.as_tensor(np.asarray(self.base[i][field]), dtype=torch.float32)
+        if wav.shape[-1] <= self.crop:
+            return torch.nn.functional.pad(wav, (0, self.crop - wav.shape[-1]))
+        start = int(self.rng.integers(0, wav.shape[-1] - self.crop + 1))
+        return wav[start:start + self.crop]
+
+
+@torch.no_grad()
+def evaluate_vae(vae, val_items, sample_rate: int = 48000, max_segments: int = 0) -> dict[str, float]:
+    """Reconstruction quality of `vae` (encode -> posterior mean -> decode) per stem on `val_items`
+    (a sequence of dataset items with `wav48_*` and `silent_*`, read lazily). Returns `val/<stem>/mel_l1`,
+    `val/<stem>/si_sdr`, `val/<stem>/n` over (at most `max_segments`, 0 = all) non-silent stems."""
+    from duotok.metrics import multiscale_mel_l1, si_sdr
+    out = {}
+    for stem, field in STEMS.items():
+        mels, sdrs = [], []
+        for k in range(len(val_items)):
+            item = val_items[k]
+            if bool(item.get(f"silent_{stem}", False)):
+                continue
+            ref = torch.as_tensor(np.asarray(item[field]), dtype=torch.float32)[None]  # (1, L)
+            est = vae.decode(vae.encode(ref))[:, : ref.shape[-1]]
+            mels.append(float(multiscale_mel_l1(ref, est, sample_rate)))
+            sdrs.append(float(si_sdr(ref, est)))
+            if max_segments and len(mels) >= max_segments:
+                break
+        out[f"val/{stem}/mel_l1"] = float(np.mean(mels)) if mels else float("nan")
+        out[f"val/{stem}/si_sdr"] = float(np.mean(sdrs)) if sdrs else float("nan")
+        out[f"val/{stem}/n"] = len(mels)
+    return out

@@ -1,7 +1,8 @@
-"""Run a training stage with lyric-head variants that are not parameters (recorded experiments, see
-nbs/41_stage_codebook.ipynb "The CTC blank plateau"). Environment variables:
+"""Run a training stage with lyric-head variants that are not parameters (the recorded experiments of
+docs/measurements.md, "The CTC blank plateau"). Environment variables:
 
-  LR_MULT=heads.lyrics.=10      learning-rate factor for parameters with that name prefix (fit's lr_mult)
+  LR_MULT=heads.lyrics.=10      learning-rate factor for parameters with that name prefix (fit's lr_mult;
+                                stage 3's lyric head is `heads.lyrics.`, stage 2's `model.heads.ctc.`)
   STARTS=asr/ctc=0.5            a loss term counts only after this fraction of the steps (warm-up schedule)
   CTC_NORM=tokens|nonempty      CTC normalisation: sum / all target chars of the batch, or per-char mean
                                 over items with a non-empty target only (default: torch's per-char mean)
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import duotok.heads as H
+import duotok.models.codebook as MC
 import duotok.models.finetune as MF
 import duotok.train as T
 
@@ -59,7 +61,7 @@ def ctc_loss(log_probs, targets, target_lengths, input_lengths=None):
 
 
 T.fit, T.weighted_loss = fit, weighted_loss
-if os.environ.get("CTC_NORM"): H.ctc_loss = MF.ctc_loss = ctc_loss   # stage 3 imports it from duotok.heads at call time
+if os.environ.get("CTC_NORM"): H.ctc_loss = MF.ctc_loss = MC.ctc_loss = ctc_loss   # the modules that call it
 
 if __name__ == "__main__":
     module, sys.argv = sys.argv[1], sys.argv[1:]

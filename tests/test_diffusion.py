@@ -1,4 +1,4 @@
-"""Diffusion decoder (nbs/52_diffusion, nbs/54_stage_decoder, nbs/55_package): denoiser, flow matching
+"""Diffusion decoder (nbs/52_diffusion, nbs/55_stage_decoder, nbs/54_package): denoiser, flow matching
 with the diffusers scheduler, chunked TokenDecoder, decoder stage and packaging."""
 import json
 
@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from duotok.checkpoint import save_checkpoint
+from _helpers import ROOT, audio, section
+from duotok.config import to_dict
 from duotok.diffusion import (DiTBlock, DiTDenoiser, LatentDecoder, TokenDecoder, chunk_starts, crossfade_weights,
                               flow_matching_loss, make_scheduler, sample)
-from duotok.vae import DuoVAE, synthetic_stems
+from duotok.tokenizer import DualTokens
+from duotok.vae import build_vae, save_vae, synthetic_stems
 
-VAE_CFG = {"pretrained": "", "latent_dim": 8, "encoder_hidden_size": 16, "decoder_channels": 16,
-           "downsampling_ratios": [4, 4, 6, 10], "channel_multiples": [1, 2, 4, 8]}
+AUDIO = audio(codebook_size=16)
+VAE_CFG = section("vae", arch="oobleck", latent_dim=8, encoder_hidden_size=16, decoder_channels=16,
+                  downsampling_ratios=(4, 4, 6, 10), channel_multiples=(1, 2, 4, 8))
 
 
 def _perturb(m, seed=0):
@@ -136,16 +139,17 @@ def test_token_decoder_any_length_and_crossfade_normalisation(T):
 
 
 def _write_pre_encode(d, vae):
-    from duotok.stages.pre_encode import latent_stats, write_split
+    from duotok.diffusion import latent_stats, load_pre_encoded, write_pre_encoded
     data = {"train": synthetic_stems(3, 2.0), "val": synthetic_stems(2, 2.0, seed=1)}
     man = {"splits": {}, "latent_dim": 8, "latent_rate": 50.0, "token_rate": 25, "codebook_sizes": [16, 16],
-           "sample_rate": 48000}
+           "sample_rate": 48000, "audio": to_dict(AUDIO)}
     for split, items in data.items():
         with torch.no_grad():
             lat = torch.stack([vae.encode(torch.stack([it["wav48_vocals"], it["wav48_acc"]])) for it in items]).numpy()
         ids = np.random.default_rng(0).integers(0, 16, (len(items), 50))
-        write_split(d, split, {"vocals": ids, "acc": ids[::-1].copy(), "segment": [it["segment"] for it in items]},
-                    lat, [False] * len(items), [False] * len(items))
+        write_pre_encoded(d, split, DualTokens(ids, ids[::-1].copy(), 25, (16, 16), "toy", [it["segment"] for it in items]), lat)
+        assert DualTokens.load(d / f"tokens_{split}.npz").segment == [it["segment"] for it in items]   # the one token format
+        assert load_pre_encoded(d, split)[1].shape == lat.shape
         man["splits"][split] = {"n": len(items), "tokens": 50, "latent_frames": 100}
         if split == "train":
             m, s = latent_stats(lat)
@@ -159,10 +163,10 @@ def test_decoder_stage_toy_and_package(tmp_path):
     from duotok.package import package_decoder
     from duotok.stages.decoder import run
     from duotok.tracking import NullTracker
-    vae = DuoVAE().eval()
-    save_checkpoint(tmp_path / "vae", vae, {"vae": VAE_CFG}, name="vae")
+    vae = build_vae(VAE_CFG, AUDIO).eval()
+    save_vae(tmp_path / "vae", vae, VAE_CFG, AUDIO)
     data = _write_pre_encode(tmp_path, vae)
-    p = load_params("params.yaml", ["decoder.train.steps=4", "decoder.train.batch_size=4", "decoder.train.log_every=2",
+    p = load_params(ROOT / "params.yaml", ["decoder.train.steps=4", "decoder.train.batch_size=4", "decoder.train.log_every=2",
                                     "decoder.width=32", "decoder.layers=1", "decoder.sampling_steps=2",
                                     "decoder.val_segments=2", "decoder.chunk_s=1.0"])
     m = run(p, NullTracker(), pre_dir=tmp_path, vae_dir=tmp_path / "vae", out_dir=tmp_path / "dec", datasets=data,

@@ -2,17 +2,20 @@
 import pytest
 import torch
 
+from _helpers import ROOT, audio
+from duotok.config import ConfigError, EncoderConfig
 from duotok.core import count_parameters
-from duotok.models.encoder import EncoderConfig, MusicEncoder, paper_encoder_config, tokens_for_frames
+from duotok.models.encoder import MusicEncoder, encoder_from_config, load_encoder, tokens_for_frames
 
 torch.set_num_threads(1)
-CFG = EncoderConfig(n_mels=32, width=32, layers=4, lower_layers=2, heads=2, conv_channels=16)
+CFG = EncoderConfig(width=32, layers=4, lower_layers=2, heads=2, conv_channels=16)
+AUDIO = audio(n_mels=32)
 
 
 @pytest.fixture(scope="module")
 def enc():
     torch.manual_seed(0)
-    return MusicEncoder(CFG).eval()
+    return MusicEncoder(CFG, AUDIO).eval()
 
 
 def test_30s_gives_750_frames(enc):
@@ -26,8 +29,10 @@ def test_bad_input_raises(enc):
         enc(torch.randn(1, 64, 100))
     with pytest.raises(ValueError, match="mask"):
         enc(torch.randn(1, 32, 100), torch.ones(1, 99, dtype=torch.bool))
-    with pytest.raises(ValueError, match="lower_layers"):
-        EncoderConfig(layers=4, lower_layers=4)
+    with pytest.raises(ConfigError, match="lower_layers"):
+        MusicEncoder(EncoderConfig(layers=4, lower_layers=4), AUDIO)
+    with pytest.raises(ValueError, match="4x"):
+        MusicEncoder(CFG, audio(token_rate=50))
 
 
 def test_padding_does_not_change_valid_outputs(enc):
@@ -51,7 +56,7 @@ def test_halves_and_hidden_states(enc):
 
 
 def test_normalization_buffers(enc):
-    e = MusicEncoder(CFG)
+    e = MusicEncoder(CFG, AUDIO)
     e.set_normalization(torch.full((32,), 2.0), torch.full((32,), 4.0))
     assert torch.allclose(e.normalize(torch.full((1, 32, 3), 6.0)), torch.ones(1, 32, 3))
     assert "mel_mean" in e.state_dict() and "mel_std" in e.state_dict()
@@ -70,23 +75,27 @@ def test_chunked(enc):
     assert enc.encode_chunked(mel, chunk_s=2.0, layer=1).shape == (1, 250, 32)
 
 
-def test_config_roundtrip_and_params_section():
-    from duotok.config import load_params
-    p = load_params("params.yaml")
-    c = EncoderConfig.from_params(p.ssl.encoder, p.audio)
-    assert c.width == p.ssl.encoder.width and c.token_rate == p.audio.token_rate
-    assert EncoderConfig.from_dict(c.to_dict()) == c
+def test_config_is_the_params_section_and_roundtrips_through_a_checkpoint(enc, tmp_path):
+    from duotok.checkpoint import save_checkpoint
+    from duotok.config import checkpoint_config, load_params
+    p = load_params(ROOT / "params.yaml")
+    assert isinstance(p.ssl.encoder, EncoderConfig)                      # one class: the section is the model config
+    ck = checkpoint_config("ssl", p.ssl, AUDIO, encoder=CFG)
+    assert encoder_from_config(ck).cfg == CFG and encoder_from_config(ck).audio == AUDIO
+    save_checkpoint(tmp_path, torch.nn.ModuleDict({"encoder": enc}), ck)
+    back = load_encoder(tmp_path).eval()
+    mel = torch.randn(1, 32, 80)
+    assert torch.equal(back(mel).last, enc(mel).last)
 
 
 def test_paper_scale_meta():
     from duotok.config import load_params
-    p = load_params("params.yaml", profile="params/paper.yaml")
-    c = EncoderConfig.from_params(p.ssl.encoder, p.audio)
-    assert c == paper_encoder_config()
+    p = load_params(ROOT / "params.yaml", profile=ROOT / "params/paper.yaml")
+    c = p.ssl.encoder
     with torch.device("meta"):
-        big = MusicEncoder(c)
+        big = MusicEncoder(c, p.audio)
         out = big(torch.empty(1, 128, 3000))
     n = count_parameters(big)
     print(f"paper-scale encoder parameters: {n:,}")
-    assert c.layers == 24 and c.lower_layers == 12 and c.width == 1024
+    assert c.layers == 24 and c.lower_layers == 12 and c.width == 1024 and c.upper_layers == 12
     assert 290e6 < n < 320e6 and out.last.shape == (1, 750, 1024)

@@ -4,10 +4,17 @@ import json
 import numpy as np
 import pytest
 
+from _helpers import ROOT
 from duotok import lm as L
 from duotok.config import load_params
+from duotok.evaluation import load_token_split
 from duotok.stages import evaluate as E
+from duotok.synthetic import EchoTokenizer, audio_items
+from duotok.tokenizer import DualTokens
 from duotok.tracking import NullTracker
+
+TOY = ["evaluate.lm.layers=2", "evaluate.lm.hidden=64", "evaluate.lm.ffn=128", "evaluate.lm_train.steps=150",
+       "evaluate.lm_train.lr=0.003", "evaluate.lm_train.batch_size=32", "evaluate.prompt_s=0.25", "evaluate.pitch_segments=1"]
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -17,15 +24,12 @@ def toy_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("proj")
     v, a = L.synthetic_streams(288, 24, 32, seed=0)
     pre = root / "outputs/pre_encode"; pre.mkdir(parents=True)
-    np.savez(pre / "tokens_train.npz", vocals=v[:256], acc=a[:256], segment=np.array([f"s{i}" for i in range(256)]))
-    np.savez(pre / "tokens_test.npz", vocals=v[256:], acc=a[256:], segment=np.array([f"t{i}" for i in range(32)]))
-    (pre / "manifest.json").write_text(json.dumps({"codebook_sizes": [32, 32]}))
-    p = load_params("params.yaml", ["evaluate.lm.layers=2", "evaluate.lm.hidden=64", "evaluate.lm.ffn=128",
-                                    "evaluate.lm_train.steps=150", "evaluate.lm_train.lr=0.003", "evaluate.lm_train.batch_size=32",
-                                    "evaluate.prompt_s=0.25", "evaluate.pitch_segments=1"])
+    DualTokens(v[:256], a[:256], 25, (32, 32), "toy", [f"s{i}" for i in range(256)]).save(pre / "tokens_train.npz")
+    DualTokens(v[256:], a[256:], 25, (32, 32), "toy", [f"t{i}" for i in range(32)]).save(pre / "tokens_test.npz")
+    p = load_params(ROOT / "params.yaml", TOY)
     tracker = NullTracker()
     res = E.run(p, tracker, pre, out_dir=root / "outputs/evaluate", eval_dir=root / "eval",
-                tokenizer=E._EchoTokenizer(0.005), test_items=E.synthetic_items(2))
+                tokenizer=EchoTokenizer(0.005), test_items=audio_items(2))
     return root, res, tracker
 
 
@@ -56,7 +60,25 @@ def test_evaluate_acceptance_on_structured_tokens(toy_root):
 
 def test_missing_tokens_error_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokens_train.npz"):
-        E.load_tokens(tmp_path, "train")
+        load_token_split(tmp_path, "train")
+
+
+class _BrokenDecoder(EchoTokenizer):
+    def decode(self, toks): raise RuntimeError("the decoder produced NaN")
+
+
+def test_a_broken_decode_fails_the_stage(toy_root, tmp_path):
+    """A decode error is an error (the chain test must notice), not a note in results.md; so is a missing package."""
+    root, _, _ = toy_root
+    p = load_params(ROOT / "params.yaml", TOY + ["evaluate.lm_train.steps=2"])
+    with pytest.raises(RuntimeError, match="NaN"):
+        E.run(p, NullTracker(), root / "outputs/pre_encode", out_dir=tmp_path / "out", eval_dir=tmp_path / "eval",
+              tokenizer=_BrokenDecoder(), test_items=audio_items(1))
+    with pytest.raises(FileNotFoundError, match="packaged duotok tokenizer"):
+        E.run(load_params(ROOT / "params.yaml", TOY + ["evaluate.lm_train.steps=2", f"evaluate.package={tmp_path / 'none'}"]),
+              NullTracker(), root / "outputs/pre_encode", out_dir=tmp_path / "out2", eval_dir=tmp_path / "eval2",
+              test_items=audio_items(1))
+    assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
 @pytest.mark.slow
@@ -64,6 +86,6 @@ def test_report_renders_with_figures(toy_root, tmp_path):
     pytest.importorskip("papermill")
     from duotok.stages.report import run as report_run
     root, _, _ = toy_root
-    m = report_run(load_params("params.yaml"), NullTracker(), out_dir=tmp_path / "report", root=root)
+    m = report_run(load_params(ROOT / "params.yaml"), NullTracker(), out_dir=tmp_path / "report", root=root)
     assert m["report/errors"] == 0 and m["report/figures"] >= 5, m
     assert (tmp_path / "report/report.html").stat().st_size > 100_000

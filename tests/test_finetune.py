@@ -4,27 +4,33 @@ import json
 import pytest
 import torch
 
-from duotok.config import load_params
+from _helpers import ROOT, audio, section
+from duotok.config import EncoderConfig, FreezeConfig, NoiseConfig, load_params
 from duotok.heads import (cer_wer, frame_ce, greedy_decode, mss_loss, separate, separation_sisdr, trivial_asr_baselines)
 from duotok.audio import stft
-from duotok.models.encoder import EncoderConfig, MusicEncoder
-from duotok.models.finetune import FinetuneModel, HeadsConfig, finetune_loss
-from duotok.noise import Bottleneck, GaussianReplacementNoise, ProgressiveFreezer
+from duotok.models.encoder import MusicEncoder
+from duotok.models.finetune import FinetuneModel, enabled_heads, finetune_losses
+from duotok.noise import GaussianReplacementNoise, ProgressiveFreezer
+from duotok.synthetic import mix_segments
 from duotok.tracking import NullTracker
 
 torch.set_num_threads(1)
+VOCAB = ["_", "a", "b", "c", " ", "d"]
 
 
-def tiny_model(p=0.3, **noise):
+def tiny_model(p=0.3):
     torch.manual_seed(0)
-    enc = MusicEncoder(EncoderConfig(n_mels=16, width=32, layers=6, lower_layers=3, heads=2, conv_channels=16))
-    return FinetuneModel(enc, Bottleneck(32, 8), GaussianReplacementNoise(p=p, **noise),
-                         HeadsConfig(vocab_size=6, n_mels=16, n_fft=64, hop=16, hidden=8))
+    enc = MusicEncoder(EncoderConfig(width=32, layers=6, lower_layers=3, heads=2, conv_channels=16), audio(n_mels=16))
+    return FinetuneModel(enc, section("finetune", bottleneck_dim=8, noise=NoiseConfig(p=p)), VOCAB)
+
+
+def finetune_loss(model, batch, heads=("ctc", "mel", "chroma", "mss")):
+    return finetune_losses(model, batch, heads)
 
 
 def tiny_batch(b=2, frames=41):
     g = torch.Generator().manual_seed(0)
-    stems = torch.randn(b, 4, (frames - 1) * 16, generator=g) * 0.1
+    stems = torch.randn(b, 4, (frames - 1) * 240, generator=g) * 0.1
     return {"mel_mix": torch.randn(b, 16, frames, generator=g), "chroma_mix": torch.rand(b, 12, frames, generator=g),
             "lyric_ids": torch.tensor([[1, 2, 3], [4, 0, 0]])[:b], "lyric_len": torch.tensor([3, 1])[:b],
             "wav24_mix": stems.sum(1), "wav24_stems": stems}
@@ -34,14 +40,14 @@ def tiny_batch(b=2, frames=41):
 @pytest.mark.parametrize("mode", ["replace", "additive"])
 @pytest.mark.parametrize("granularity", ["frame", "element"])
 def test_noise_identity_at_eval(mode, granularity):
-    n = GaussianReplacementNoise(p=0.5, mode=mode, granularity=granularity).eval()
+    n = GaussianReplacementNoise(NoiseConfig(p=0.5, mode=mode, granularity=granularity)).eval()
     z = torch.randn(4, 50, 8)
     assert torch.equal(n(z), z)
 
 
 def test_noise_replace_fraction_and_statistics():
     z = -1.0 + 0.5 * torch.randn(16, 400, 8)
-    n = GaussianReplacementNoise(p=0.25, sigma=1.0, sigma_mode="match").train()
+    n = GaussianReplacementNoise(NoiseConfig(p=0.25, sigma=1.0, sigma_mode="match")).train()
     y = n(z, generator=torch.Generator().manual_seed(0))
     fr = n.last_mask[..., 0]
     assert (n.last_mask == fr[..., None]).all()                               # whole frames
@@ -49,7 +55,7 @@ def test_noise_replace_fraction_and_statistics():
     assert torch.equal(y[~fr], z[~fr])
     rep = y[fr]
     assert abs(rep.mean().item() + 1.0) < 0.03 and abs(rep.std().item() - 0.5) < 0.03
-    fixed = GaussianReplacementNoise(p=0.25, sigma=2.0, sigma_mode="fixed").train()
+    fixed = GaussianReplacementNoise(NoiseConfig(p=0.25, sigma=2.0, sigma_mode="fixed")).train()
     y2 = fixed(z, generator=torch.Generator().manual_seed(0))
     r2 = y2[fixed.last_mask[..., 0]]
     assert abs(r2.std().item() - 2.0) < 0.05 and abs(r2.mean().item()) < 0.05
@@ -57,15 +63,15 @@ def test_noise_replace_fraction_and_statistics():
 
 def test_noise_additive_element_valid_and_schedule():
     z = torch.randn(8, 200, 16)
-    n = GaussianReplacementNoise(p=0.5, sigma=0.1, mode="additive", sigma_mode="fixed", granularity="element").train()
+    n = GaussianReplacementNoise(NoiseConfig(p=0.5, sigma=0.1, mode="additive", sigma_mode="fixed", granularity="element")).train()
     valid = torch.ones(8, 200, dtype=torch.bool); valid[:, 150:] = False
     y = n(z, valid)
     assert abs(n.last_mask[:, :150].float().mean().item() - 0.5) < 0.02 and not n.last_mask[:, 150:].any()
     d = (y - z)[n.last_mask]
     assert abs(d.std().item() - 0.1) < 0.01 and torch.equal(y[~n.last_mask], z[~n.last_mask])
-    s = GaussianReplacementNoise(p=0.4, warmup_steps=10)
+    s = GaussianReplacementNoise(NoiseConfig(p=0.4, warmup_steps=10))
     assert [round(s.set_step(k) or s.current_p, 3) for k in (0, 5, 10, 20)] == [0.0, 0.2, 0.4, 0.4]
-    assert GaussianReplacementNoise(p=0.4, enabled=False).current_p == 0.0
+    assert GaussianReplacementNoise(NoiseConfig(p=0.4, enabled=False)).current_p == 0.0
 
 
 # ---------------------------------------------------------------------------------------- freezing
@@ -78,7 +84,7 @@ def test_freezing_invariants_each_phase():
     units = model.freeze_units()
     assert [n for n, _ in units] == ["encoder.subsampler", "encoder.lower_blocks.0", "encoder.lower_blocks.1",
                                      "encoder.lower_blocks.2"]
-    fr = ProgressiveFreezer(units, total_steps=100, start_fraction=0.2, end_fraction=0.6)
+    fr = ProgressiveFreezer(units, total_steps=100, cfg=FreezeConfig(start_fraction=0.2, end_fraction=0.6))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = tiny_batch()
     seen = []
@@ -106,7 +112,7 @@ def test_freezing_invariants_each_phase():
 
 def test_freezing_disabled():
     model = tiny_model()
-    fr = ProgressiveFreezer(model.freeze_units(), 10, enabled=False)
+    fr = ProgressiveFreezer(model.freeze_units(), 10, FreezeConfig(enabled=False))
     fr.apply(9)
     assert all(p.requires_grad for p in model.parameters())
 
@@ -138,7 +144,6 @@ def test_frame_ce_targets_and_finetune_loss_term():
     assert torch.isfinite(out["asr/frame"]) and out["asr/frame"] > 0
     out["asr/frame"].backward()                                        # trains the CTC head and the encoder
     assert model.heads["ctc"].proj.weight.grad.abs().sum() > 0 and model.encoder.subsampler.parameters().__next__().grad is not None
-    from duotok.stages.finetune import enabled_heads
     assert enabled_heads({"asr/ctc": 0.5, "asr/frame": 1.0, "mel/l1": 1.0}) == ("ctc", "mel")
     assert enabled_heads({"asr/ctc": 0.0, "asr/frame": 1.0}) == ("ctc",)
 
@@ -187,26 +192,22 @@ def test_composition_checkpoint_and_head_switches(tmp_path):
     assert torch.allclose(u, out.u, atol=1e-5) and out.heads["mel"].shape == mel.shape
     model.save(tmp_path)
     cfg = json.loads((tmp_path / "model.json").read_text())["config"]
-    assert cfg["kind"] == "finetune" and cfg["bottleneck_dim"] == 8
+    assert cfg["kind"] == "finetune" and cfg["finetune"]["bottleneck_dim"] == 8 and cfg["vocab"] == VOCAB
+    assert cfg["encoder"]["width"] == 32 and cfg["audio"]["n_mels"] == 16 and cfg["finetune"]["noise"]["p"] == 0.3
     re = FinetuneModel.from_checkpoint(tmp_path).eval()
     assert torch.allclose(re(mel).u, out.u)
 
 
 # ------------------------------------------------------------------------------------------- stage
 class Toy(torch.utils.data.Dataset):
+    "`duotok.synthetic.mix_segments` that can die after `die_after` item reads (a simulated kill)."
     def __init__(self, n, seed, die_after=None):
-        g = torch.Generator().manual_seed(seed); self.n = n
-        self.stems = torch.randn(n, 4, 9600, generator=g) * 0.1
-        self.mel = torch.randn(n, 128, 41, generator=g); self.chroma = torch.rand(n, 12, 41, generator=g)
-        self.ids = torch.randint(1, 5, (n, 6), generator=g)
-        self.die_after, self.calls = die_after, 0
-    def __len__(self): return self.n
+        self.items, self.die_after, self.calls = mix_segments(n, seed=seed), die_after, 0
+    def __len__(self): return len(self.items)
     def __getitem__(self, i):
         self.calls += 1
         if self.die_after is not None and self.calls > self.die_after: raise KeyboardInterrupt("simulated kill")
-        return {"mel_mix": self.mel[i], "chroma_mix": self.chroma[i], "lyric_ids": self.ids[i],
-                "lyric_len": torch.tensor(6), "lyric_frames": self.ids[i].repeat_interleave(2)[:11],
-                "wav24_mix": self.stems[i].sum(0), "wav24_stems": self.stems[i]}
+        return self.items[i]
 
 
 TOY = ["ssl.encoder.width=32", "ssl.encoder.layers=4", "ssl.encoder.lower_layers=2", "ssl.encoder.heads=2",
@@ -216,11 +217,10 @@ TOY = ["ssl.encoder.width=32", "ssl.encoder.layers=4", "ssl.encoder.lower_layers
 
 
 def test_stage_runs_resumes_and_switches(tmp_path):
-    from duotok.models.encoder import EncoderConfig as EC
-    from duotok.ssl import BestRQ, BestRQConfig, save_bestrq
+    from duotok.ssl import build_bestrq, save_bestrq
     from duotok.stages.finetune import run
-    p = load_params("params.yaml", TOY + ["finetune.train.steps=8", "finetune.train.ckpt_every=2"])
-    save_bestrq(tmp_path / "ssl", BestRQ(MusicEncoder(EC.from_params(p.ssl.encoder, p.audio)), BestRQConfig(rpq_codebook_size=16)))
+    p = load_params(ROOT / "params.yaml", TOY + ["finetune.train.steps=8", "finetune.train.ckpt_every=2"])
+    save_bestrq(tmp_path / "ssl", build_bestrq(p.ssl, p.audio))
     man = {"vocab": ["_", "a", "b", " ", "c"]}
     out = tmp_path / "finetune"
     with pytest.raises(KeyboardInterrupt):                       # 32 items for the chroma mean, then ~5 steps
@@ -232,17 +232,17 @@ def test_stage_runs_resumes_and_switches(tmp_path):
               "val/mss/sisdr", "val/mss/sisdr_mix", "val/kmeans/rel_mse", "val/kmeans/mel_l1_q"):
         assert k in m, k
     model = FinetuneModel.from_checkpoint(out)
-    assert model.heads_cfg.vocab_size == 5
+    assert model.vocab == man["vocab"] and model.cfg == p.finetune
     # the greedy decoder's blank bias: fitted on train (a grid value), stored with the model, val decoded with it
     from duotok.heads import BLANK_BIAS_GRID
     assert m["val/asr/blank_bias"] in BLANK_BIAS_GRID and "val/asr/cer_bias0" in m and "val/asr/train_cer_calibrated" in m
     assert json.loads((out / "model.json").read_text())["config"]["asr_blank_bias"] == m["val/asr/blank_bias"]
-    p3 = load_params("params.yaml", TOY + ["finetune.train.steps=2", "finetune.asr_blank_bias=1.5"])
+    p3 = load_params(ROOT / "params.yaml", TOY + ["finetune.train.steps=2", "finetune.asr_blank_bias=1.5"])
     m3 = run(p3, NullTracker(), {"train": Toy(8, 0), "val": Toy(4, 1), "manifest": man}, out_dir=tmp_path / "ft3",
              ssl_dir=tmp_path / "ssl")
     assert m3["val/asr/blank_bias"] == 1.5 and "val/asr/train_cer_calibrated" not in m3      # a fixed bias is used as is
     # ablation switches: no CTC head, no noise, no freezing
-    p2 = load_params("params.yaml", TOY + ["finetune.train.steps=2", "finetune.lambdas.asr/ctc=0", "finetune.lambdas.asr/frame=0",
+    p2 = load_params(ROOT / "params.yaml", TOY + ["finetune.train.steps=2", "finetune.lambdas.asr/ctc=0", "finetune.lambdas.asr/frame=0",
                                            "finetune.noise.enabled=false", "finetune.freeze.enabled=false"])
     m2 = run(p2, NullTracker(), {"train": Toy(8, 0), "val": Toy(4, 1), "manifest": man}, out_dir=tmp_path / "ft2",
              ssl_dir=tmp_path / "ssl")

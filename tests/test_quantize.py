@@ -3,7 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from duotok.quantize import CodeUsage, DualCodebook, SimVQBranch, codebook_usage, nearest_code
+from _helpers import ROOT
+from duotok.cluster import kmeans, nearest_code
+from duotok.metrics import code_usage
+from duotok.quantize import DualCodebook, SimVQBranch, quantizer_from_config
 
 
 def _zero_or_none(g):
@@ -143,16 +146,13 @@ def test_bad_labels_and_shapes():
 
 
 def test_usage_stats():
-    u = CodeUsage(10)
-    u.update(torch.tensor([0, 1, 2, 3, 4]))
-    u.update(torch.tensor([[0, 1], [2, 3]]))
-    s = u.stats()
-    assert s["used_frac"] == 0.5 and s["dead"] == 5 and s["n_tokens"] == 9
-    uni = codebook_usage(torch.arange(64).repeat(3), 64)
-    assert abs(uni["perplexity"] - 64) < 1e-6 and uni["used_frac"] == 1.0
-    assert codebook_usage(torch.tensor([], dtype=torch.long), 4)["used_frac"] == 0.0
+    u = code_usage(torch.cat([torch.tensor([0, 1, 2, 3, 4]), torch.tensor([[0, 1], [2, 3]]).flatten()]), 10)
+    assert u.usage == 0.5 and u.used == 5 and u.counts.sum() == 9
+    uni = code_usage(torch.arange(64).repeat(3), 64)
+    assert abs(uni.perplexity - 64) < 1e-6 and uni.usage == 1.0
+    assert code_usage(torch.tensor([], dtype=torch.long), 4).usage == 0.0
     with pytest.raises(ValueError):
-        CodeUsage(4).update(torch.tensor([4]))
+        code_usage(torch.tensor([4]), 4)
 
 
 def test_simvq_learns_without_nan():
@@ -174,7 +174,7 @@ def test_simvq_learns_without_nan():
         recs.append(rec.item())
     assert sum(recs[-20:]) / 20 < 0.75 * sum(recs[:20]) / 20
     ids = dq.encode(centres[None].repeat(2, 1, 1), torch.tensor([0, 1]))
-    assert codebook_usage(ids[0], 16)["used_frac"] >= 0.5
+    assert code_usage(ids[0], 16).usage >= 0.5
 
 
 def test_data_init_matches_feature_statistics_and_raises_usage():
@@ -183,42 +183,42 @@ def test_data_init_matches_feature_statistics_and_raises_usage():
     h = (torch.randn(4, 500, 16, generator=g) @ A) + 5.0
     lab = torch.tensor([0, 0, 1, 1])
     dq = DualCodebook(16, 8, 256, seed=0)
-    before = codebook_usage(dq.encode(h, lab)[:2], 256)["used_frac"]
+    before = code_usage(dq.encode(h, lab)[:2], 256).usage
     dq.init_from_data(h, lab)
     br = dq.branches["vocals"]
     z = br.proj_in(h[:2]).reshape(-1, 8).detach()
     C = br.codebook.detach()
     assert torch.allclose(C.mean(0), z.mean(0), atol=0.3 * float(z.std(0).mean()))
     assert torch.allclose(C.std(0), z.std(0), rtol=0.25)
-    after = codebook_usage(dq.encode(h, lab)[:2], 256)["used_frac"]
+    after = code_usage(dq.encode(h, lab)[:2], 256).usage
     assert after > 0.8 and after > before
     # the acc branch was fitted to the acc items only
     assert not torch.equal(dq.branches["acc"].codebook, br.codebook)
 
 
 def test_paper_profile_codebooks():
-    """params/paper.yaml: 2 x 32768 codes at 25 Hz = 0.75 kbps; code_dim = the stage-2 bottleneck dim."""
-    from duotok.config import load_params
-    p = load_params("params.yaml", profile="params/paper.yaml")
+    """params/paper.yaml: 2 x 32768 codes at 25 Hz = 0.75 kbps; the code dimension is the stage-2 bottleneck dim
+    (read from the finetune checkpoint, never a codebook param)."""
+    from duotok.config import checkpoint_config, load_params
+    p = load_params(ROOT / "params.yaml", profile=ROOT / "params/paper.yaml")
     assert p.audio.codebook_size == 32768 and p.audio.token_rate == 25 and p.audio.kbps == 0.75
-    assert p.codebook.code_dim == p.finetune.bottleneck_dim
-    dq = DualCodebook(p.ssl.encoder.width, p.codebook.code_dim, p.audio.codebook_size)
+    assert not hasattr(p.codebook, "code_dim")
+    dq = quantizer_from_config(checkpoint_config("codebook", p.codebook, p.audio, encoder=p.ssl.encoder,
+                                                 code_dim=p.finetune.bottleneck_dim))
     assert dq.codebook_sizes == (32768, 32768)
-    assert dq.branches["acc"].codebook.shape == (32768, p.codebook.code_dim)
+    assert dq.branches["acc"].codebook.shape == (32768, p.finetune.bottleneck_dim)
     h = torch.randn(1, 30, p.ssl.encoder.width)
     ids = dq.encode(h, torch.tensor([1]), chunk=7)
     assert ids.shape == (1, 30) and torch.equal(ids, dq(h, torch.tensor([1])).ids)
 
 
-def test_default_profile_code_dim_matches_bottleneck():
+def test_default_profile_codebook_section():
     from duotok.config import load_params
-    p = load_params("params.yaml")
-    assert p.codebook.code_dim == p.finetune.bottleneck_dim
+    p = load_params(ROOT / "params.yaml")
     assert p.audio.codebook_size >= 256 and set(p.codebook.lambdas) >= {"vq/commit", "vq/codebook"}
 
 
 def test_mlp_transform_starts_as_kmeans_codebook():
-    from duotok.quantize import kmeans
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(30, 16, generator=g) * torch.tensor([4.0] * 2 + [0.05] * 14)   # clustered, ~rank 2
     h = centres[torch.randint(0, 30, (6, 200), generator=g)] + 0.01 * torch.randn(6, 200, 16, generator=g)
@@ -227,7 +227,7 @@ def test_mlp_transform_starts_as_kmeans_codebook():
     for tf in ("linear", "mlp"):
         dq = DualCodebook(16, 16, 32, seed=0, transform=tf)
         dq.init_from_data(h, lab)
-        used[tf] = codebook_usage(dq.encode(h, lab), 32)["used_frac"]
+        used[tf] = code_usage(dq.encode(h, lab), 32).usage
     assert used["mlp"] >= 0.9 > used["linear"], used
     # deterministic: same seed, same data -> same codebook
     a, b = DualCodebook(16, 16, 32, seed=0, transform="mlp"), DualCodebook(16, 16, 32, seed=0, transform="mlp")

@@ -5,19 +5,20 @@ import pytest
 import torch
 from vector_quantize_pytorch import RandomProjectionQuantizer
 
-from duotok.config import load_params
-from duotok.models.encoder import EncoderConfig, MusicEncoder
-from duotok.ssl import (BestRQ, BestRQConfig, RandomProjectionTargets, bestrq_validate, load_bestrq, load_encoder,
-                        save_bestrq, span_mask)
+from _helpers import ROOT, audio, section
+from duotok.config import EncoderConfig, load_params
+from duotok.models.encoder import MusicEncoder, load_encoder
+from duotok.ssl import RandomProjectionTargets, bestrq_validate, build_bestrq, load_bestrq, save_bestrq, span_mask
 from duotok.tracking import NullTracker
 
 torch.set_num_threads(1)
-ECFG = EncoderConfig(n_mels=32, width=32, layers=2, lower_layers=1, heads=2, conv_channels=16)
+ECFG = EncoderConfig(width=32, layers=2, lower_layers=1, heads=2, conv_channels=16)
+AUDIO = audio(n_mels=32)
 
 
 def make_model(seed=0, **kw):
     torch.manual_seed(seed)
-    return BestRQ(MusicEncoder(ECFG), BestRQConfig(rpq_codebook_size=64, rpq_dim=8, **kw))
+    return build_bestrq(section("ssl", encoder=ECFG, rpq_codebook_size=64, rpq_dim=8, **kw), AUDIO)
 
 
 def test_rpq_matches_library():
@@ -43,7 +44,8 @@ def test_quantizer_frozen_and_deterministic(tmp_path):
     save_bestrq(tmp_path, m)
     assert torch.equal(load_bestrq(tmp_path).targets(mel), t0)         # identical when rebuilt
     # same seed -> same quantizer without any checkpoint
-    assert torch.equal(BestRQ(MusicEncoder(ECFG), BestRQConfig(rpq_codebook_size=64, rpq_dim=8, rpq_codebooks=2)).targets(mel), t0)
+    assert torch.equal(make_model(seed=3, rpq_codebooks=2).targets(mel), t0)
+    assert load_bestrq(tmp_path).cfg == m.cfg
     enc = load_encoder(tmp_path)
     assert torch.equal(enc.upper_blocks[0].qkv.weight, m.encoder.upper_blocks[0].qkv.weight)
 
@@ -117,7 +119,7 @@ TOY = ["ssl.encoder.width=32", "ssl.encoder.layers=2", "ssl.encoder.lower_layers
 
 def test_stage_resumes_after_kill(tmp_path):
     from duotok.stages.ssl import run
-    p = load_params("params.yaml", TOY + ["ssl.train.steps=6", "ssl.train.ckpt_every=2"])
+    p = load_params(ROOT / "params.yaml", TOY + ["ssl.train.steps=6", "ssl.train.ckpt_every=2"])
     out = tmp_path / "ssl"
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):                       # dies mid-run, after the step-2 checkpoint
@@ -126,7 +128,8 @@ def test_stage_resumes_after_kill(tmp_path):
     m = run(p, NullTracker(), {"train": Toy(16, 0), "val": Toy(4, 1), "manifest": {}}, out_dir=out)
     assert m["resumed_from"] in (2, 4) and m["steps"] == 6
     cfg = json.loads((out / "model.json").read_text())["config"]
-    assert cfg["encoder"]["width"] == 32 and cfg["bestrq"]["rpq_codebook_size"] == 32
+    assert cfg["kind"] == "ssl" and cfg["encoder"]["width"] == 32 and cfg["ssl"]["rpq_codebook_size"] == 32
+    assert cfg["audio"]["n_mels"] == p.audio.n_mels
     assert "val/mlm/acc" in m and "val/mlm/const_acc" in m
 
 
@@ -194,7 +197,7 @@ def test_segment_labels_and_random_twin():
     assert lab["singing"].y[0].tolist() == [0, 1, 1, 0, 1] and lab["drums"].y[0].tolist() == [0, 0, 1, 1, 1]
     assert torch.equal(lab["melody_pc"].valid, lab["singing"].y.bool())
     assert lab["source"].y[0] == 0 and lab["source"].valid.tolist() == [True, False] and lab["voice"].valid.tolist() == [True, False]
-    enc = MusicEncoder(ECFG); enc.set_normalization(torch.randn(32), torch.rand(32) + 0.5)
+    enc = MusicEncoder(ECFG, AUDIO); enc.set_normalization(torch.randn(32), torch.rand(32) + 0.5)
     state = torch.random.get_rng_state()
     a, b = random_twin(enc, 5), random_twin(enc, 5)
     assert torch.equal(torch.random.get_rng_state(), state)                       # global RNG untouched
@@ -205,7 +208,7 @@ def test_segment_labels_and_random_twin():
 def test_probe_ssl_on_a_preprocess_folder(tmp_path):
     from duotok.probe import probe_ssl
     root = _fake_preprocess(tmp_path / "pre")
-    enc = MusicEncoder(ECFG)
+    enc = MusicEncoder(ECFG, AUDIO)
     m = probe_ssl(data_root=root, encoder=enc, verbose=False)
     labels = ("singing", "melody_pc", "mix_pc", "drums", "source", "voice")
     assert m["probe/layer"] == ECFG.lower_layers - 1
@@ -218,10 +221,21 @@ def test_probe_ssl_on_a_preprocess_folder(tmp_path):
 def test_stage_reports_probe(tmp_path):
     from duotok.stages.ssl import run
     root = _fake_preprocess(tmp_path / "pre", n_mels=128, F=40)
-    p = load_params("params.yaml", TOY + ["ssl.train.steps=2", "ssl.train.ckpt_every=2"])
+    p = load_params(ROOT / "params.yaml", TOY + ["ssl.train.steps=2", "ssl.train.ckpt_every=2"])
     m = run(p, NullTracker(), out_dir=tmp_path / "ssl", data_root=root)
     assert m["steps"] == 2 and m["probe/layer"] == 0 and 0 <= m["probe/singing/trained"] <= 1
     assert m["probe/singing/input"] > 0.95 and "probe/singing/random" in m
-    off = run(load_params("params.yaml", TOY + ["ssl.train.steps=2", "ssl.probe.enabled=false"]), NullTracker(),
+    off = run(load_params(ROOT / "params.yaml", TOY + ["ssl.train.steps=2", "ssl.probe.enabled=false"]), NullTracker(),
               out_dir=tmp_path / "ssl2", data_root=root)
     assert not any(k.startswith("probe/") for k in off)
+
+
+def test_stage_trains_on_a_split_smaller_than_the_batch_and_refuses_an_empty_one(tmp_path):
+    """A train split with fewer segments than the batch used to give zero batches (drop_last) and a loop that
+    never ended; `duotok.data.make_loader` gives one smaller batch, and refuses an empty split by name."""
+    from duotok.stages.ssl import run
+    p = load_params(ROOT / "params.yaml", TOY + ["ssl.train.steps=3", "ssl.train.ckpt_every=0", "ssl.probe.enabled=false"])
+    m = run(p, NullTracker(), {"train": Toy(1, 0), "val": Toy(2, 1), "manifest": {}}, out_dir=tmp_path / "one")
+    assert m["steps"] == 3                                    # 1 segment < batch 2: 3 epochs of one batch
+    with pytest.raises(ValueError, match=r"ssl train split: the split has 0 items \(batch size 2\)"):
+        run(p, NullTracker(), {"train": Toy(0, 0), "val": Toy(2, 1), "manifest": {}}, out_dir=tmp_path / "none")

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from duotok.models.encoder import EncoderConfig
-from duotok.tokenizer import (DualTokens, DuoTok, TokenEncoder, TokenFileError, build_encoder, build_quantizer,
-                              package_encoder, tokenize_split)
+from _helpers import PARAMS, audio
+from duotok.config import EncoderConfig, checkpoint_config
+from duotok.models.codebook import CodebookModel
+from duotok.tokenizer import DualTokens, DuoTok, TokenEncoder, TokenFileError, package_encoder, tokenize_split
 
 
-def toy_encoder(n_mels=128, K=(64, 32), model_id="toy") -> TokenEncoder:
-    ecfg = EncoderConfig(n_mels=n_mels, width=32, layers=2, lower_layers=1, heads=2, conv_channels=16).to_dict()
-    qcfg = {"dim": 32, "code_dim": 8, "codebook_sizes": list(K), "beta": 0.25, "rotation_trick": False}
-    audio = {"encoder_sample_rate": 24000, "n_fft": 1024, "hop_length": 240, "n_mels": n_mels, "token_rate": 25,
-             "sample_rate": 48000}
-    return TokenEncoder(build_encoder(ecfg), build_quantizer(qcfg), audio, model_id,
-                        {"encoder": ecfg, "quantizer": qcfg, "audio": audio})
+def toy_encoder(n_mels=128, K=64, model_id="toy") -> TokenEncoder:
+    "A token encoder of random weights built, as the real one is, from a codebook-stage checkpoint config."
+    cfg = checkpoint_config("codebook", PARAMS.codebook, audio(n_mels=n_mels, codebook_size=K), code_dim=8, vocab=["_"],
+                            encoder=EncoderConfig(width=32, layers=2, lower_layers=1, heads=2, conv_channels=16))
+    m = CodebookModel.from_config(cfg)
+    return TokenEncoder(m.encoder, m.quantizer, {**cfg, "model_id": model_id})
 
 
 # ---- DualTokens --------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def test_encode_mels_deterministic_and_routed(tmp_path):
     te = toy_encoder()
     mv, ma = torch.randn(2, 128, 400), torch.randn(2, 128, 400)
     iv, ia = te.encode_mels(mv, ma)
-    assert iv.shape == ia.shape == (2, 100) and iv.dtype == torch.long and ia.max() < 32
+    assert iv.shape == ia.shape == (2, 100) and iv.dtype == torch.long and ia.max() < 64
     assert torch.equal(iv, te.encode_mels(mv, ma)[0])
     # routing: vocal ids come from the vocal branch alone; swapping stems changes which codebook is used
     h = te.encoder.lower(mv)
@@ -111,9 +111,10 @@ def test_tokenize_split_order_and_shapes():
     ds = [{"mel_vocals": np.random.randn(16, 400).astype("float32"),
            "mel_acc": np.random.randn(16, 400).astype("float32"), "segment": f"s{i}"} for i in range(5)]
     out = tokenize_split(te, ds, batch_size=2)
-    assert out["vocals"].shape == out["acc"].shape == (5, 100) and out["segment"] == [f"s{i}" for i in range(5)]
+    assert out.vocals.shape == out.accompaniment.shape == (5, 100) and out.segment == [f"s{i}" for i in range(5)]
+    assert out.model_id == "toy" and out.codebook_sizes == (64, 64) and out.token_rate == 25
     one = te.encode_mels(torch.tensor(ds[4]["mel_vocals"])[None], torch.tensor(ds[4]["mel_acc"])[None])
-    assert (out["vocals"][4] == one[0][0].numpy()).mean() > 0.99
+    assert (out.vocals[4] == one[0][0].numpy()).mean() > 0.99
     with pytest.raises(KeyError, match="lacks 'mel_acc'"):
         tokenize_split(te, [{"mel_vocals": ds[0]["mel_vocals"]}])
 
@@ -128,7 +129,7 @@ def duotok(tmp_path):
 
 def test_package_layout_and_bitrate(duotok, tmp_path):
     info = json.loads((tmp_path / "pkg" / "tokenizer.json").read_text())
-    assert info["codebook_sizes"] == [64, 32] and info["bits_per_second"] == 25 * (6 + 5)
+    assert info["codebook_sizes"] == [64, 64] and info["bits_per_second"] == 25 * (6 + 6) and info["model_id"] == "toy"
     assert (tmp_path / "pkg" / "encoder" / "model.safetensors").exists()
     assert duotok.chunk_s == 2.0 and duotok.batch_windows == 3
     assert "bit/s" in duotok.describe()
@@ -173,7 +174,7 @@ def test_decode_checks_tokens_and_needs_decoder(duotok, tmp_path):
     with pytest.raises(TokenFileError, match="this tokenizer has"):
         duotok.decode(DualTokens(np.zeros(5, int), np.zeros(5, int), 25, (512, 512)))
     with pytest.raises(FileNotFoundError, match="no decoder"):
-        duotok.decode(DualTokens(np.zeros(5, int), np.zeros(5, int), 25, (64, 32)))
+        duotok.decode(DualTokens(np.zeros(5, int), np.zeros(5, int), 25, (64, 64)))
 
 
 def test_decode_delegates_to_token_decoder(duotok, monkeypatch):
@@ -186,7 +187,7 @@ def test_decode_delegates_to_token_decoder(duotok, monkeypatch):
             return torch.zeros(iv.shape[0], iv.shape[1] * 1920), torch.ones(ia.shape[0], ia.shape[1] * 1920)
 
     duotok._decoder = FakeDecoder()
-    out = duotok.decode(DualTokens(np.zeros(5, int), np.zeros(5, int), 25, (64, 32)))
+    out = duotok.decode(DualTokens(np.zeros(5, int), np.zeros(5, int), 25, (64, 64)))
     assert calls["shape"] == ((1, 5), (1, 5)) and out.vocals.shape == (9600,) and out.mix.mean() == 1.0
     assert out.sample_rate == 48000
 
@@ -221,7 +222,7 @@ def test_cli_encode_info_and_errors(duotok, tmp_path, capsys):
 def test_stream_log_mel_equals_whole_signal(sr, dur):
     from duotok.audio import log_mel, resample
     from duotok.tokenizer import stream_log_mel
-    aud = {"encoder_sample_rate": 24000, "n_fft": 1024, "hop_length": 240, "n_mels": 128}
+    aud = PARAMS.audio
     x = 0.1 * torch.randn(2, int(sr * dur), generator=torch.Generator().manual_seed(0))
     ref = log_mel(resample(x.mean(0), sr, 24000), 24000)
     got = stream_log_mel(x.numpy(), sr, aud, block_s=0.37)

@@ -1,16 +1,19 @@
 """VAE (nbs/50_vae, nbs/51_stage_vae): shapes at 48 kHz / 50 Hz, losses, pretrained adapter, checkpoints."""
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from duotok.checkpoint import save_checkpoint
-from duotok.vae import (DuoVAE, PretrainedOobleck, STFTVAE, VAEWithDisc, WaveDiscriminator, build_vae, load_vae,
-                        multi_resolution_stft_loss, synthetic_stems, vae_loss)
+from _helpers import PARAMS, ROOT, section
+from duotok.vae import (DuoVAE, PretrainedOobleck, STFTVAE, VAEObjective, WaveDiscriminator, build_vae, load_vae,
+                        multi_resolution_stft_loss, save_vae, synthetic_stems, vae_loss)
 
-CFG = {"pretrained": "", "arch": "oobleck", "latent_dim": 8, "encoder_hidden_size": 16, "decoder_channels": 16,
-       "downsampling_ratios": [4, 4, 6, 10], "channel_multiples": [1, 2, 4, 8], "sample_rate": 48000}
+CFG = section("vae", arch="oobleck", latent_dim=8, encoder_hidden_size=16, decoder_channels=16,
+              downsampling_ratios=(4, 4, 6, 10), channel_multiples=(1, 2, 4, 8))
+STFT_CFG = section("vae", arch="stft", latent_dim=8, width=32, layers=1, n_fft=1920, frame_hop=480)
+AUDIO = PARAMS.audio
 
 
 def _wav(n=2, L=9600, seed=0):
@@ -63,8 +66,9 @@ def test_losses():
 
 
 def test_adversarial_terms_reach_only_their_parameters():
-    m = VAEWithDisc(DuoVAE(), WaveDiscriminator(channels=8))
-    out = vae_loss(m, _wav(2, 4800), adversarial=True)
+    m = VAEObjective(DuoVAE(), {"mel/l1": 1.0, "stft/mr": 1.0, "adv/gen": 0.1, "adv/feat": 1.0, "adv/disc": 0.1})
+    m.disc = WaveDiscriminator(channels=8)
+    out = m(_wav(2, 4800))
     assert {"adv/gen", "adv/feat", "adv/disc"} <= set(out)
     (out["adv/gen"] + out["adv/feat"]).backward(retain_graph=True)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.disc.parameters())
@@ -72,8 +76,8 @@ def test_adversarial_terms_reach_only_their_parameters():
     out["adv/disc"].backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.vae.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.disc.parameters())
-    with pytest.raises(ValueError, match="VAEWithDisc"):
-        vae_loss(DuoVAE(), _wav(1, 960), adversarial=True)
+    plain = VAEObjective(DuoVAE(), dict(PARAMS.vae.lambdas))         # the default: no adversarial term, no STFT loss
+    assert plain.disc is None and set(plain(_wav(1, 4800))) == {"wave/l1", "kl", "mel/l1"}
 
 
 def test_training_reduces_loss():
@@ -90,8 +94,8 @@ def test_training_reduces_loss():
 
 
 def test_checkpoint_roundtrip_is_frozen_and_identical(tmp_path):
-    vae = DuoVAE().eval()
-    save_checkpoint(tmp_path, vae, {"vae": CFG}, name="vae")
+    vae = build_vae(CFG, AUDIO).eval()
+    save_vae(tmp_path, vae, CFG, AUDIO)
     back = load_vae(tmp_path)
     x = _wav(1, 4800)
     with torch.no_grad():
@@ -112,7 +116,7 @@ def test_pretrained_44k_stereo_adapter(tmp_path):
     assert (pre.native_rate, pre.native_hop, pre.channels, pre.latent_dim) == (44100, 2048, 2, 4)
     assert z.shape == (2, 4, 50) and y.shape == (2, 48000) and torch.isfinite(y).all()
     # through a (packaged-style) checkpoint with a relative path
-    save_checkpoint(tmp_path, {}, {"vae": {**CFG, "pretrained": "sao_vae"}}, name="vae")
+    save_vae(tmp_path, None, dataclasses.replace(CFG, pretrained="sao_vae"), AUDIO)
     assert isinstance(load_vae(tmp_path), PretrainedOobleck)
     with pytest.raises(FileNotFoundError, match="config.json"):
         PretrainedOobleck(tmp_path / "nowhere")
@@ -120,12 +124,13 @@ def test_pretrained_44k_stereo_adapter(tmp_path):
 
 def test_vae_stage_toy(tmp_path):
     from duotok.config import load_params
-    from duotok.stages.vae import StemCrops, run
+    from duotok.stages.vae import run
+    from duotok.vae import StemCrops
     from duotok.tracking import NullTracker
     items = synthetic_stems(3, 1.0)
     items[0]["silent_vocals"] = True
     assert len(StemCrops(items, 4800)) == 5
-    p = load_params("params.yaml", ["vae.train.steps=2", "vae.train.log_every=1", "vae.val_segments=1"])
+    p = load_params(ROOT / "params.yaml", ["vae.train.steps=2", "vae.train.log_every=1", "vae.val_segments=1"])
     m = run(p, NullTracker(), out_dir=tmp_path, datasets=(items, synthetic_stems(2, 1.0, seed=1)))
     assert m["val/vocals/n"] == 1 and m["val/acc/n"] == 1
     assert np.isfinite(m["val/vocals/mel_l1"]) and np.isfinite(m["val/acc/si_sdr"])
@@ -134,21 +139,18 @@ def test_vae_stage_toy(tmp_path):
 
 def test_paper_profile_vae_is_64d_50hz():
     from duotok.config import load_params
-    p = load_params("params.yaml", profile="params/paper.yaml")
+    p = load_params(ROOT / "params.yaml", profile=ROOT / "params/paper.yaml")
     v = p.vae
     assert v.latent_dim == 64 and math.prod(v.downsampling_ratios) == p.audio.vae_hop == 960
     with torch.device("meta"):
-        vae = DuoVAE(v.latent_dim, v.encoder_hidden_size, v.decoder_channels, v.downsampling_ratios, v.channel_multiples)
+        vae = build_vae(v, p.audio)
+    assert isinstance(vae, DuoVAE)
     assert vae.latent_rate == 50 and sum(p.numel() for p in vae.parameters()) > 50e6
-
-
-STFT_CFG = {"pretrained": "", "arch": "stft", "latent_dim": 8, "width": 32, "layers": 1, "n_fft": 1920,
-            "frame_hop": 480, "sample_rate": 48000, "hop": 960}
 
 
 @pytest.mark.parametrize("L", [960, 9600, 10000, 47999])
 def test_stft_vae_shapes_50hz(L):
-    vae = build_vae(STFT_CFG).eval()
+    vae = build_vae(STFT_CFG, AUDIO).eval()
     assert isinstance(vae, STFTVAE) and vae.hop == 960 and vae.latent_rate == 50
     with torch.no_grad():
         z = vae.encode(_wav(2, L))
@@ -160,7 +162,7 @@ def test_stft_vae_shapes_50hz(L):
 def test_stft_vae_latent_frames_are_local():
     """Latent frame t describes samples around [t*960, (t+1)*960): a click in frame 5 changes only the frames
     within the encoder's receptive field (STFT window + 7-tap convs: +-4 latent frames at one block)."""
-    vae = build_vae(STFT_CFG).eval()
+    vae = build_vae(STFT_CFG, AUDIO).eval()
     x = torch.zeros(1, 20 * 960)
     y = x.clone(); y[0, 5 * 960 + 480] = 1.0
     with torch.no_grad():
@@ -169,7 +171,7 @@ def test_stft_vae_latent_frames_are_local():
 
 
 def test_stft_vae_errors_and_small_initial_std():
-    vae = build_vae(STFT_CFG)
+    vae = build_vae(STFT_CFG, AUDIO)
     assert (0.5 * vae.posterior(_wav(2, 9600))[1]).exp().mean() < 0.05
     with pytest.raises(ValueError, match=r"\(B, L\)"):
         vae.encode(torch.zeros(1, 1, 960))
@@ -178,14 +180,16 @@ def test_stft_vae_errors_and_small_initial_std():
     with pytest.raises(ValueError, match="frame_hop"):
         STFTVAE(frame_hop=400)
     with pytest.raises(ValueError, match="vae.arch"):
-        build_vae({**STFT_CFG, "arch": "wavenet"})
+        build_vae(dataclasses.replace(STFT_CFG, arch="wavenet"), AUDIO)
+    with pytest.raises(ValueError, match="vae_hop"):
+        build_vae(dataclasses.replace(CFG, downsampling_ratios=(4, 4, 6, 5)), AUDIO)
 
 
 def test_stft_vae_learns_and_uses_its_latent():
     """A few hundred steps on a handful of clips: the mel loss drops well below its start, and decoding
     the clip's own latent beats decoding another clip's latent (the decoder does not ignore z)."""
     torch.manual_seed(0)
-    vae = build_vae(STFT_CFG)
+    vae = build_vae(STFT_CFG, AUDIO)
     items = synthetic_stems(4, 0.5)
     x = torch.stack([it["wav48_vocals"] for it in items[:2]] + [it["wav48_acc"] for it in items[2:]])
     opt = torch.optim.Adam(vae.parameters(), 3e-3)
@@ -206,8 +210,8 @@ def test_stft_vae_learns_and_uses_its_latent():
 
 
 def test_stft_vae_checkpoint_roundtrip(tmp_path):
-    vae = build_vae(STFT_CFG).eval()
-    save_checkpoint(tmp_path, vae, {"vae": STFT_CFG}, name="vae")
+    vae = build_vae(STFT_CFG, AUDIO).eval()
+    save_vae(tmp_path, vae, STFT_CFG, AUDIO)
     back = load_vae(tmp_path)
     x = _wav(1, 4800)
     with torch.no_grad():

@@ -4,60 +4,23 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..checkpoint import load_checkpoint
+from ..config import AudioConfig, EncoderConfig, read_section
+
 # %% auto #0
-__all__ = ['EncoderConfig', 'tokens_for_frames', 'lengths_to_mask', 'ConvSubsampler', 'RotaryEmbedding', 'apply_rotary',
-           'TransformerBlock', 'EncoderOutput', 'MusicEncoder', 'paper_encoder_config']
+__all__ = ['ROPE_BASE', 'tokens_for_frames', 'lengths_to_mask', 'ConvSubsampler', 'RotaryEmbedding', 'apply_rotary',
+           'TransformerBlock', 'EncoderOutput', 'MusicEncoder', 'encoder_from_config', 'load_encoder']
 
 # %% ../../nbs/20_encoder.ipynb #a6b23022
-@dataclass(frozen=True)
-class EncoderConfig:
-    "Architecture of the music encoder. Stored in checkpoints (`to_dict` / `from_dict`)."
-    n_mels: int = 128            # input mel bins
-    width: int = 256             # model width D
-    layers: int = 8              # total Transformer blocks
-    lower_layers: int = 4        # blocks below the bottleneck
-    heads: int = 4
-    ffn_mult: int = 4
-    dropout: float = 0.0
-    conv_channels: int = 256     # subsampler channels
-    frame_rate: int = 100        # input mel frames per second
-    downsample: int = 4          # frame_rate / token_rate
-    rope_base: float = 10000.0
-
-    def __post_init__(self):
-        if not 0 < self.lower_layers < self.layers:
-            raise ValueError(f"EncoderConfig.lower_layers={self.lower_layers} must be in (0, layers={self.layers})")
-        if self.width % self.heads or (self.width // self.heads) % 2:
-            raise ValueError(f"EncoderConfig: heads={self.heads} must divide width={self.width} into even head dims")
-        if self.downsample != 4: raise ValueError("EncoderConfig.downsample: only 4 (two stride-2 convs) is built")
-
-    @property
-    def token_rate(self) -> float: return self.frame_rate / self.downsample
-    @property
-    def upper_layers(self) -> int: return self.layers - self.lower_layers
-
-    def to_dict(self) -> dict: return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EncoderConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown: raise ValueError(f"EncoderConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_params(cls, enc, audio) -> "EncoderConfig":
-        "From the `ssl.encoder` params section (`duotok.config.EncoderConfig`) and `AudioConfig`."
-        return cls(n_mels=audio.n_mels, width=enc.width, layers=enc.layers, lower_layers=enc.lower_layers,
-                   heads=enc.heads, ffn_mult=enc.ffn_mult, dropout=enc.dropout, conv_channels=enc.conv_channels,
-                   frame_rate=audio.frame_rate, downsample=audio.downsample)
+ROPE_BASE = 10000.0
+"Rotary embedding base."
 
 # %% ../../nbs/20_encoder.ipynb #40820fd0
 def tokens_for_frames(n_frames: torch.Tensor | int, downsample: int = 4):
@@ -134,14 +97,19 @@ class EncoderOutput:
     hidden_states: list[torch.Tensor] | None = None   # per block (B, T, D), before the final norm
 
 class MusicEncoder(nn.Module):
-    "Log-mel (B, n_mels, F) at 100 Hz -> (B, ceil(F/4), D) at 25 Hz. See the notebook for the parts."
-    def __init__(self, cfg: EncoderConfig):
+    """Log-mel (B, n_mels, F) at the frame rate -> (B, ceil(F/4), D) at the token rate. `cfg`: the architecture
+    (`ssl.encoder`); `audio`: the input facts (`n_mels`, `frame_rate`, `downsample`). See the notebook for the parts."""
+    def __init__(self, cfg: EncoderConfig, audio: AudioConfig):
         super().__init__()
-        self.cfg = cfg
-        self.register_buffer("mel_mean", torch.zeros(cfg.n_mels))
-        self.register_buffer("mel_std", torch.ones(cfg.n_mels))
-        self.subsampler = ConvSubsampler(cfg.n_mels, cfg.conv_channels, cfg.width)
-        self.rope = RotaryEmbedding(cfg.width // cfg.heads, cfg.rope_base)
+        cfg.validate("encoder")
+        if audio.downsample != 4:
+            raise ValueError(f"MusicEncoder: the subsampler is two stride-2 convolutions (4x); audio gives "
+                             f"{audio.frame_rate} frames/s for {audio.token_rate} tokens/s ({audio.downsample}x)")
+        self.cfg, self.audio = cfg, audio
+        self.register_buffer("mel_mean", torch.zeros(audio.n_mels))
+        self.register_buffer("mel_std", torch.ones(audio.n_mels))
+        self.subsampler = ConvSubsampler(audio.n_mels, cfg.conv_channels, cfg.width)
+        self.rope = RotaryEmbedding(cfg.width // cfg.heads, ROPE_BASE)
         mk = lambda: TransformerBlock(cfg.width, cfg.heads, cfg.ffn_mult, cfg.dropout)
         self.lower_blocks = nn.ModuleList([mk() for _ in range(cfg.lower_layers)])
         self.upper_blocks = nn.ModuleList([mk() for _ in range(cfg.upper_layers)])
@@ -153,8 +121,8 @@ class MusicEncoder(nn.Module):
     def set_normalization(self, mean, std) -> None:
         "Per-bin log-mel statistics (train split), e.g. the preprocess manifest's `mel_mean`/`mel_std`."
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        if mean.shape != (self.cfg.n_mels,) or std.shape != (self.cfg.n_mels,):
-            raise ValueError(f"mel stats must have shape ({self.cfg.n_mels},), got {tuple(mean.shape)}, {tuple(std.shape)}")
+        if mean.shape != (self.audio.n_mels,) or std.shape != (self.audio.n_mels,):
+            raise ValueError(f"mel stats must have shape ({self.audio.n_mels},), got {tuple(mean.shape)}, {tuple(std.shape)}")
         self.mel_mean.copy_(mean); self.mel_std.copy_(std.clamp_min(1e-3))
 
     def normalize(self, mel: torch.Tensor) -> torch.Tensor:
@@ -162,9 +130,9 @@ class MusicEncoder(nn.Module):
         return (mel - self.mel_mean[:, None]) / self.mel_std[:, None]
 
     def _check(self, mel, mask):
-        if mel.ndim != 3 or mel.shape[1] != self.cfg.n_mels:
-            raise ValueError(f"MusicEncoder: mel must be (B, n_mels={self.cfg.n_mels}, F) log-mel at "
-                             f"{self.cfg.frame_rate} Hz, got shape {tuple(mel.shape)}")
+        if mel.ndim != 3 or mel.shape[1] != self.audio.n_mels:
+            raise ValueError(f"MusicEncoder: mel must be (B, n_mels={self.audio.n_mels}, F) log-mel at "
+                             f"{self.audio.frame_rate} Hz, got shape {tuple(mel.shape)}")
         if mask is not None and (mask.shape != (mel.shape[0], mel.shape[2]) or mask.dtype != torch.bool):
             raise ValueError(f"MusicEncoder: mask must be bool (B, F)={(mel.shape[0], mel.shape[2])}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
@@ -172,7 +140,7 @@ class MusicEncoder(nn.Module):
     def token_mask(self, mask: torch.Tensor | None, n_tokens: int) -> torch.Tensor | None:
         "(B, F) frame mask -> (B, T) token mask (a token is valid if any of its frames is)."
         if mask is None: return None
-        return lengths_to_mask(tokens_for_frames(mask.sum(-1), self.cfg.downsample), n_tokens)
+        return lengths_to_mask(tokens_for_frames(mask.sum(-1), self.audio.downsample), n_tokens)
 
     def _run(self, blocks, h, tmask, hidden):
         rope = self.rope.cos_sin(h.shape[1], h.device, h.dtype)
@@ -211,7 +179,7 @@ class MusicEncoder(nn.Module):
         context on each side; memory is bounded by the window length, not F. Returns (B, ceil(F/4), D):
         the final output, or block `layer`'s output if given. Equal to `forward` when F fits one window."""
         self._check(mel, None)
-        ds, fr = self.cfg.downsample, self.cfg.frame_rate
+        ds, fr = self.audio.downsample, self.audio.frame_rate
         chunk = max(ds, int(round(chunk_s * fr)) // ds * ds)
         ctx = int(round(context_s * fr)) // ds * ds
         n_frames = mel.shape[-1]
@@ -225,7 +193,13 @@ class MusicEncoder(nn.Module):
         return torch.cat(outs, dim=1)
 
 # %% ../../nbs/20_encoder.ipynb #233726c4
-def paper_encoder_config(n_mels: int = 128) -> EncoderConfig:
-    "Paper scale (PAPER.md): 24 blocks split 12 + 12, width 1024 (MusicFM/MuQ width), 16 heads."
-    return EncoderConfig(n_mels=n_mels, width=1024, layers=24, lower_layers=12, heads=16, ffn_mult=4,
-                         conv_channels=512)
+def encoder_from_config(cfg: dict, where: str = "checkpoint") -> MusicEncoder:
+    "An untrained `MusicEncoder` from a checkpoint config's `encoder` and `audio` sections."
+    return MusicEncoder(read_section(cfg, "encoder", where), read_section(cfg, "audio", where))
+
+def load_encoder(dir, name: str = "model") -> MusicEncoder:
+    "The encoder (weights `encoder.*`, mel statistics included) of any checkpoint that holds one."
+    sd, cfg = load_checkpoint(dir, name)
+    enc = encoder_from_config(cfg, f"{dir}/{name}.json")
+    enc.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
+    return enc

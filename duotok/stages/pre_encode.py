@@ -8,67 +8,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from ..config import Params
-from ..core import atomic_save_npy, atomic_write, atomic_write_json, is_main
+from ..config import Params, to_dict
+from ..core import atomic_write_json, is_main
+from ..data import SegmentDataset
+from ..diffusion import encode_latents, latent_stats, write_pre_encoded
 from ..stage import stage_dir, stage_main
+from ..tokenizer import TokenEncoder, tokenize_split
+from ..vae import load_vae
 
 SPLITS = ("train", "val", "test")
 
 # %% auto #0
-__all__ = ['SPLITS', 'encode_latents', 'latent_stats', 'write_split', 'load_split', 'run']
+__all__ = ['SPLITS', 'run']
 
 # %% ../../nbs/53_stage_pre_encode.ipynb #e45ca5cb
-@torch.no_grad()
-def encode_latents(vae, dataset, progress: bool = False) -> np.ndarray:
-    """(N, 2, C, T50) float32 posterior-mean latents of `wav48_vocals` / `wav48_acc` of every item."""
-    from tqdm.auto import tqdm
-    out = None
-    for i in tqdm(range(len(dataset)), desc="latents", disable=not progress, mininterval=5):
-        it = dataset[i]
-        wav = torch.stack([torch.as_tensor(np.asarray(it["wav48_vocals"]), dtype=torch.float32),
-                           torch.as_tensor(np.asarray(it["wav48_acc"]), dtype=torch.float32)])  # (2, L48)
-        z = vae.encode(wav).numpy()  # (2, C, T50)
-        if out is None:
-            out = np.zeros((len(dataset), *z.shape), np.float32)
-        out[i] = z
-    return out if out is not None else np.zeros((0, 2, 0, 0), np.float32)
-
-
-def latent_stats(lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    "Per-track per-channel mean and std (2, C) of latents (N, 2, C, T50)."
-    m = lat.mean(axis=(0, 3))
-    s = lat.std(axis=(0, 3)) + 1e-5
-    return m.astype(np.float32), s.astype(np.float32)
-
-
-def write_split(out: Path, split: str, toks: dict, lat: np.ndarray, silent_v, silent_a) -> None:
-    "Write `tokens_<split>.npz` and `latents_<split>.npy` atomically."
-    with atomic_write(out / f"tokens_{split}.npz") as f:
-        np.savez(f, vocals=np.asarray(toks["vocals"], np.int64), acc=np.asarray(toks["acc"], np.int64),
-                 segment=np.asarray(toks["segment"], dtype=str), silent_vocals=np.asarray(silent_v, bool),
-                 silent_acc=np.asarray(silent_a, bool))
-    atomic_save_npy(out / f"latents_{split}.npy", lat.astype(np.float32))
-
-
-def load_split(root: str | Path, split: str) -> tuple[dict, np.ndarray]:
-    "Read back (`tokens` dict of arrays, `latents` (N, 2, C, T50) memory-mapped) of one split."
-    root = Path(root)
-    for p in (root / f"tokens_{split}.npz", root / f"latents_{split}.npy"):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} missing: run the pre_encode stage (python -m duotok.stages.pre_encode)")
-    with np.load(root / f"tokens_{split}.npz") as z:
-        toks = {k: z[k] for k in z.files}
-    lat = np.load(root / f"latents_{split}.npy", mmap_mode="r")
-    if lat.shape[0] != toks["vocals"].shape[0]:
-        raise ValueError(f"{root}: {split} has {toks['vocals'].shape[0]} token rows but {lat.shape[0]} latent rows")
-    return toks, lat
-
-# %% ../../nbs/53_stage_pre_encode.ipynb #bbeeb624
 def _open(root, split, fields):
-    from duotok.data import SegmentDataset
     try:
         ds = SegmentDataset(root, split=split, fields=fields)
     except (FileNotFoundError, KeyError) as e:
@@ -80,48 +34,34 @@ def _open(root, split, fields):
 def run(params: Params, tracker, root: str | Path = "outputs/preprocess", codebook_dir: str | Path = "outputs/codebook",
         vae_dir: str | Path = "outputs/vae", out_dir: str | Path | None = None, encoder=None, vae=None,
         datasets: dict | None = None) -> dict:
-    """Tokenize and VAE-encode every split. `encoder`, `vae`, `datasets={split: dataset}` replace the
-    stage inputs (tests and notebooks); datasets must yield `mel_vocals, mel_acc, wav48_vocals,
-    wav48_acc, segment` (+ optional `silent_*`)."""
-    from duotok.tokenizer import TokenEncoder, tokenize_split
-    from duotok.vae import load_vae
+    """Tokenize and VAE-encode every split. `encoder` (a `TokenEncoder`), `vae`, `datasets={split: dataset}`
+    replace the stage inputs (tests and notebooks); datasets must yield `mel_vocals, mel_acc, wav48_vocals,
+    wav48_acc, segment`."""
     out = Path(out_dir) if out_dir is not None else stage_dir("pre_encode")
-    out.mkdir(parents=True, exist_ok=True)
     encoder = encoder if encoder is not None else TokenEncoder.from_checkpoint(codebook_dir)
     vae = vae if vae is not None else load_vae(vae_dir)
     manifest = {"splits": {}, "latent_dim": int(vae.latent_dim), "latent_rate": float(vae.latent_rate),
                 "token_rate": int(encoder.token_rate), "codebook_sizes": [int(k) for k in encoder.codebook_sizes],
-                "sample_rate": int(params.audio.sample_rate), "layout": "latents (N, 2=[vocals, acc], C, T50)"}
+                "sample_rate": int(params.audio.sample_rate), "model_id": encoder.model_id,
+                "audio": to_dict(encoder.audio), "layout": "latents (N, 2=[vocals, acc], C, T50)"}
     metrics, t0 = {}, time.time()
     for split in SPLITS:
-        if datasets is not None:
-            ds = datasets.get(split)
-            ds_tok = ds_wav = ds
-        else:
-            ds_tok = _open(root, split, ["mel_vocals", "mel_acc", "segment"])
-            ds_wav = _open(root, split, ["wav48_vocals", "wav48_acc", "silent_vocals", "silent_acc"])
-            ds = ds_tok
-        if ds is None:
+        ds_tok = datasets.get(split) if datasets is not None else _open(root, split, ["mel_vocals", "mel_acc", "segment"])
+        ds_wav = datasets.get(split) if datasets is not None else _open(root, split, ["wav48_vocals", "wav48_acc"])
+        if ds_tok is None:
             continue
         ts = time.time()
         toks = tokenize_split(encoder, ds_tok, batch_size=params.pre_encode.batch_size)
         t_tok = time.time() - ts
         lat = encode_latents(vae, ds_wav)
-        sv = [bool(ds_wav[i].get("silent_vocals", False)) for i in range(len(ds_wav))]
-        sa = [bool(ds_wav[i].get("silent_acc", False)) for i in range(len(ds_wav))]
-        T, T50 = toks["vocals"].shape[1], lat.shape[-1]
-        if T50 != 2 * T:
-            raise ValueError(f"pre_encode: {split} has {T} tokens but {T50} latent frames per segment "
-                             f"(expected {2 * T}: 25 Hz tokens, 50 Hz latents)")
-        write_split(out, split, toks, lat, sv, sa)
-        manifest["splits"][split] = {"n": int(lat.shape[0]), "tokens": int(T), "latent_frames": int(T50)}
+        write_pre_encoded(out, split, toks, lat)
+        manifest["splits"][split] = {"n": len(toks), "tokens": toks.n_tokens, "latent_frames": int(lat.shape[-1])}
         if split == "train":
             m, s = latent_stats(lat)
             manifest["latent_mean"], manifest["latent_std"] = m.tolist(), s.tolist()
-        metrics[f"{split}/n"] = int(lat.shape[0])
-        metrics[f"{split}/tokenize_s"] = round(t_tok, 1)
-        metrics[f"{split}/latents_s"] = round(time.time() - ts - t_tok, 1)
-        print(f"[pre_encode] {split}: {lat.shape[0]} segments, tokens {toks['vocals'].shape}, latents {lat.shape}", flush=True)
+        metrics.update({f"{split}/n": len(toks), f"{split}/tokenize_s": round(t_tok, 1),
+                        f"{split}/latents_s": round(time.time() - ts - t_tok, 1)})
+        print(f"[pre_encode] {split}: {toks!r}, latents {lat.shape}", flush=True)
     if "train" not in manifest["splits"]:
         raise ValueError("pre_encode: no train split found; run preprocess first")
     atomic_write_json(out / "manifest.json", manifest)

@@ -5,139 +5,54 @@
 # %% ../../nbs/51_stage_vae.ipynb #8a01c23b
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-
-from ..checkpoint import save_checkpoint
-from ..config import Params, to_dict
+from ..config import Params
 from ..core import freeze, is_main
+from ..data import load_splits, make_loader
+from ..distributed import objective_loss, on_rank0
 from ..stage import stage_dir, stage_main
-from ..vae import VAEWithDisc, WaveDiscriminator, build_vae, vae_loss
+from ..train import fit
+from ..vae import StemCrops, VAEObjective, build_vae, evaluate_vae, save_vae
+
+FIELDS = ["wav48_vocals", "wav48_acc", "silent_vocals", "silent_acc"]
 
 # %% auto #0
-__all__ = ['STEMS', 'StemCrops', 'vae_config', 'evaluate_vae', 'run']
+__all__ = ['FIELDS', 'run']
 
 # %% ../../nbs/51_stage_vae.ipynb #07668c5e
-STEMS = {"vocals": "wav48_vocals", "acc": "wav48_acc"}
-"Track name -> dataset field of its 48 kHz stem."
-
-
-class StemCrops(Dataset):
-    """Random `crop` -sample crops of single stems of a segment dataset (items with `wav48_vocals`,
-    `wav48_acc`, `silent_vocals`, `silent_acc`). Item -> float32 (crop,) waveform. One pass = every
-    non-silent (segment, stem) pair once, at a fresh random offset each time."""
-
-    def __init__(self, base, crop: int, seed: int = 0):
-        self.base, self.crop = base, crop
-        self.pairs = []
-        for i in range(len(base)):
-            item = base[i]
-            for stem, field in STEMS.items():
-                if not bool(item.get(f"silent_{stem}", False)):
-                    self.pairs.append((i, field))
-        if not self.pairs:
-            raise ValueError("StemCrops: every stem of the dataset is silent; nothing to train the VAE on")
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, k):
-        i, field = self.pairs[k]
-        wav = torch.as_tensor(np.asarray(self.base[i][field]), dtype=torch.float32)
-        if wav.shape[-1] <= self.crop:
-            return torch.nn.functional.pad(wav, (0, self.crop - wav.shape[-1]))
-        start = int(self.rng.integers(0, wav.shape[-1] - self.crop + 1))
-        return wav[start:start + self.crop]
-
-# %% ../../nbs/51_stage_vae.ipynb #0c23a968
-def vae_config(params: Params) -> dict:
-    "The config dict stored with the checkpoint (enough for `duotok.vae.build_vae`)."
-    c = to_dict(params.vae)
-    c.pop("train"); c.pop("lambdas")
-    return {**c, "sample_rate": params.audio.sample_rate, "hop": params.audio.vae_hop}
-
-
-@torch.no_grad()
-def evaluate_vae(vae, val_items, sample_rate: int = 48000, max_segments: int = 0) -> dict[str, float]:
-    """Reconstruction quality of `vae` (encode -> posterior mean -> decode) per stem on `val_items`
-    (dataset items with `wav48_*` and `silent_*`). Returns `val/<stem>/mel_l1`, `val/<stem>/si_sdr`,
-    `val/<stem>/n`. Silent stems are skipped."""
-    from duotok.metrics import multiscale_mel_l1, si_sdr
-    out = {}
-    for stem, field in STEMS.items():
-        mels, sdrs = [], []
-        for item in val_items:
-            if bool(item.get(f"silent_{stem}", False)):
-                continue
-            ref = torch.as_tensor(np.asarray(item[field]), dtype=torch.float32)[None]  # (1, L)
-            est = vae.decode(vae.encode(ref))[:, : ref.shape[-1]]
-            mels.append(float(multiscale_mel_l1(ref, est, sample_rate)))
-            sdrs.append(float(si_sdr(ref, est)))
-            if max_segments and len(mels) >= max_segments:
-                break
-        out[f"val/{stem}/mel_l1"] = float(np.mean(mels)) if mels else float("nan")
-        out[f"val/{stem}/si_sdr"] = float(np.mean(sdrs)) if sdrs else float("nan")
-        out[f"val/{stem}/n"] = len(mels)
-    return out
-
-
-class _Items:
-    "Lazy view of the first n items of a dataset (val scoring reads only what it needs)."
-    def __init__(self, ds, n=0):
-        self.ds, self.n = ds, (min(n, len(ds)) if n else len(ds))
-    def __iter__(self):
-        return (self.ds[i] for i in range(self.n))
-
-
-def _load_split(root, split):
-    from duotok.data import SegmentDataset
-    return SegmentDataset(root, split=split, fields=["wav48_vocals", "wav48_acc", "silent_vocals", "silent_acc"])
-
-# %% ../../nbs/51_stage_vae.ipynb #429c05b9
 def run(params: Params, tracker, root: str | Path = "outputs/preprocess", out_dir: str | Path | None = None,
         datasets: tuple | None = None) -> dict:
     """Train (or load) the VAE, save `out_dir/vae.*`, return val metrics.
 
     `datasets=(train, val)` replaces the preprocess shards (tests and notebooks)."""
-    cfg, sr = params.vae, params.audio.sample_rate
+    cfg, audio, t = params.vae, params.audio, params.vae.train
     out = Path(out_dir) if out_dir is not None else stage_dir("vae")
-    out.mkdir(parents=True, exist_ok=True)
-    if int(math.prod(cfg.downsampling_ratios)) != params.audio.vae_hop and cfg.arch == "oobleck" and not cfg.pretrained:
-        raise ValueError(f"vae.downsampling_ratios {list(cfg.downsampling_ratios)} multiply to "
-                         f"{math.prod(cfg.downsampling_ratios)}, not audio.vae_hop={params.audio.vae_hop}")
-    train_ds, val_ds = datasets if datasets is not None else (_load_split(root, "train"), _load_split(root, "val"))
-    conf = vae_config(params)
-    vae = build_vae(conf)
+    if datasets is None:
+        d = load_splits(FIELDS, root); datasets = (d["train"], d["val"])
+    train_ds, val_ds = datasets
+    vae = build_vae(cfg, audio)
     tracker.log_params({"vae/params": sum(p.numel() for p in vae.parameters())})
     metrics: dict[str, float] = {}
     t0 = time.time()
     if not cfg.pretrained:
-        from duotok.train import fit
-        adversarial = any(k.startswith("adv/") and v > 0 for k, v in cfg.lambdas.items())
-        model = VAEWithDisc(vae, WaveDiscriminator() if adversarial else None)
-        crops = StemCrops(train_ds, crop=int(round(cfg.segment_s * sr)), seed=cfg.train.seed)
-        loader = DataLoader(crops, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(crops) >= cfg.train.batch_size,
-                            num_workers=cfg.train.num_workers)
-        use = {k: cfg.lambdas.get(k, 0) > 0 for k in ("mel/l1", "stft/mr")}
-        res = fit(model, lambda m, wav: vae_loss(m, wav, adversarial=adversarial, mel=use["mel/l1"], stft=use["stft/mr"]),
-                  loader, cfg.train, out, tracker,
-                  dict(cfg.lambdas), desc="vae")
+        crops = StemCrops(train_ds, crop=int(round(cfg.segment_s * audio.sample_rate)), seed=t.seed)
+        loader = make_loader(crops, t.batch_size, True, t.seed, t.num_workers, name="vae train crops")
+        res = fit(VAEObjective(vae, dict(cfg.lambdas)), objective_loss, loader, t, out, tracker, dict(cfg.lambdas), desc="vae")
         vae = res.model.vae
         metrics.update({f"train/{k}": v for k, v in res.train_metrics.items()})
         metrics["train_s"] = round(time.time() - t0, 1)
     freeze(vae)
-    save_checkpoint(out, vae if not cfg.pretrained else {}, {"vae": conf}, name="vae")
-    t1 = time.time()
-    metrics.update(evaluate_vae(vae, _Items(val_ds, 0), sr, cfg.val_segments))
-    metrics["val_s"] = round(time.time() - t1, 1)
-    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step=cfg.train.steps)
-    return metrics
+
+    def finish() -> dict:                                   # rank 0: checkpoint and the val reconstruction report
+        save_vae(out, vae, cfg, audio)
+        t1 = time.time()
+        m = {**metrics, **evaluate_vae(vae, val_ds, audio.sample_rate, cfg.val_segments)}
+        m["val_s"] = round(time.time() - t1, 1)
+        tracker.log_metrics({k: v for k, v in m.items() if k.startswith("val/")}, step=t.steps)
+        return m
+    return on_rank0(finish)
 
 # %% ../../nbs/51_stage_vae.ipynb #ca798bd2
 if is_main(__name__):
