@@ -48,12 +48,12 @@ def test_odd_rates_resample_in_bounded_memory(tmp_path):
         sf.write(tmp_path / f"x{rate}.wav", (0.1 * np.random.default_rng(0).standard_normal((2 * rate, 2))).astype("float32"), rate, subtype="PCM_16")
     before = tree_hash(tmp_path)
     code = textwrap.dedent(f"""
-        import resource, numpy as np
+        import resource, types, numpy as np
         from duotok.audio import load_audio
         from duotok.tokenizer import stream_log_mel
         vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
         resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))
-        audio = dict(encoder_sample_rate=24000, hop_length=240, n_fft=1024, n_mels=128)
+        audio = types.SimpleNamespace(encoder_sample_rate=24000, hop_length=240, n_fft=1024, n_mels=128)
         for rate in (44101, 47999):
             x, sr = load_audio("{tmp_path}/x%d.wav" % rate, sr=48000)
             assert x.shape == (2, 96000) and sr == 48000, x.shape
@@ -192,15 +192,12 @@ def test_mixture_only_folders_are_reported(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def toy_package(tmp_path_factory):
-    from duotok.cli import main
-    from duotok.models.encoder import EncoderConfig
-    from duotok.tokenizer import TokenEncoder, build_encoder, build_quantizer
+    "A packaged tokenizer of random weights (the one tests/test_tokenizer.py builds)."
+    from test_tokenizer import toy_encoder
+    from duotok.tokenizer import package_encoder
     d = tmp_path_factory.mktemp("pkg")
-    ecfg = EncoderConfig(width=32, layers=2, lower_layers=1, heads=2, conv_channels=16).to_dict()
-    qcfg = {"dim": 32, "code_dim": 8, "codebook_sizes": [64, 64], "beta": 0.25, "rotation_trick": False}
-    audio = {"encoder_sample_rate": 24000, "n_fft": 1024, "hop_length": 240, "n_mels": 128, "token_rate": 25, "sample_rate": 48000}
-    TokenEncoder(build_encoder(ecfg), build_quantizer(qcfg), audio, "toy", {"encoder": ecfg, "quantizer": qcfg, "audio": audio}).save(d / "cb")
-    assert main(["package", "--codebook", str(d / "cb"), "-o", str(d / "pkg")]) == 0
+    toy_encoder().save(d / "cb")
+    package_encoder(d / "cb", d / "pkg")
     return d / "pkg"
 
 
