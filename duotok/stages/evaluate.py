@@ -87,7 +87,7 @@ def lm_part(train: dict, test: dict, V: tuple[int, int], ecfg, token_rate: int, 
     T = train["vocals"].shape[1]
     prompt = min(T - 1, max(0, int(round(ecfg.prompt_s * token_rate))))
     lcfg = L.TokenLMConfig.from_params(ecfg.lm, V)
-    metrics, models = {"lm/prompt_tokens": prompt, "lm/T": T}, {}
+    metrics, models = {"lm/prompt_tokens": prompt, "lm/T": T, "lm/train_steps": ecfg.lm_train.steps}, {}
     for proto in L.PROTOCOLS:
         tr = L.build_sequences(train["vocals"], train["acc"], V, proto, prompt=prompt)
         te = L.build_sequences(test["vocals"], test["acc"], V, proto, prompt=prompt if proto == "v2a" else 0)
@@ -105,14 +105,17 @@ def lm_part(train: dict, test: dict, V: tuple[int, int], ecfg, token_rate: int, 
         metrics[f"lm/{proto}/train_s"] = round(time.time() - t0, 1)
         metrics[f"lm/{proto}/params"] = sum(p.numel() for p in model.parameters())
         ce = L.score_lm(model, te)
+        ce0 = L.score_lm(model, te, mask="score_no_eos_mask")  # second figure: EOS not scored
         if proto == "dual":  # the accompaniment positions v2a scores, for the conditional-vs-unconditional comparison
             tail = L.build_sequences(test["vocals"], test["acc"], V, proto, prompt=prompt)
             tail.score_mask[:, 0] = False
             ce["acc_tail"] = L.score_lm(model, tail)["acc"]
+            ce0["acc_tail"] = L.score_lm(model, tail, mask="score_no_eos_mask")["acc"]
         stream_V = {"vocals": V[0], "acc": V[1], "acc_tail": V[1]}
         for s, c in ce.items():
             if math.isfinite(c):
                 metrics.update({f"lm/{proto}/{s}/{k}": v for k, v in L.ppl_metrics(c, stream_V[s]).items()})
+        metrics.update({f"lm/{proto}/{k}": v for k, v in L.no_eos_metrics(ce0, stream_V).items()})
         if proto == "dual":
             both = L.stream_metrics({"vocals": ce["vocals"], "acc": ce["acc"]}, V)   # keys "<stream>/<metric>"
             metrics.update({f"lm/dual/{k}": v for k, v in both.items() if k.startswith("overall/")})
@@ -272,9 +275,7 @@ def results_markdown(m: dict, V: tuple[int, int], token_rate: int, notes: list[s
     lines.append(f"| **duotok (ours, this data)** | {token_rate} | 2 x {V[0]}" + ("" if V[0] == V[1] else f"/{V[1]}") +
                  f" | {kbps:.3f} | n/a | n/a | {_f(g('lm/dual/overall/ppl_1024'))} | {pair('pesq')} | {pair('stoi')} "
                  f"| {pair('mel_l1')} |")
-    lines += ["", "Mel L1 here: natural log of the power mel, as PAPER.md states the protocol (see `duotok.metrics`); in "
-              "DAC's loss convention (magnitude mel, log10; about 0.22x) ours is "
-              f"{_f(g('recon/vocals/mel_l1_dac'))} / {_f(g('recon/acc/mel_l1_dac'))} (vocals / acc). Mix-level scores of ours: "
+    lines += ["", *M.table2_notes(m, token_rate), "", "Mix-level scores of ours: "
               f"PESQ {_f(g('recon/mix/pesq'))}, STOI {_f(g('recon/mix/stoi'))}, Mel L1 {_f(g('recon/mix/mel_l1'))}, "
               f"SI-SDR vocals / acc / mix {_f(g('recon/vocals/si_sdr'), 1)} / {_f(g('recon/acc/si_sdr'), 1)} / "
               f"{_f(g('recon/mix/si_sdr'), 1)} dB; raw pitch accuracy of decoded vocals {_f(g('recon/vocals/rpa'))}; "
@@ -353,7 +354,7 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
         notes.append("no test tokens: the LM is scored on the val split")
     test = load_tokens(pre_root, test_split)
     m: dict[str, float] = {"kbps": params.audio.token_rate * (math.log2(V[0]) + math.log2(V[1])) / 1000,
-                           "codebook_size/vocals": V[0], "codebook_size/acc": V[1],
+                           "codebook_size/vocals": V[0], "codebook_size/acc": V[1], "sample_rate": sr,
                            "n_train_segments": len(train["vocals"]), "n_test_segments": len(test["vocals"])}
     usage = {"vocals": M.code_usage(test["vocals"], V[0]), "acc": M.code_usage(test["acc"], V[1])}
     for s, u in usage.items():
