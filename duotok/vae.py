@@ -188,8 +188,8 @@ def vae_loss(model: nn.Module, wav: torch.Tensor, adversarial: bool = False,
     """Namespaced VAE losses for a batch of waveforms wav (B, L) at 48 kHz.
 
     model: a `DuoVAE` or a `VAEWithDisc` (required when `adversarial`). Returns `wave/l1`, `kl`,
-    `mel/l1` (if `mel`: the protocol's multi-scale log-mel L1, `duotok.metrics.multiscale_mel_l1`, as
-    DAC trains with), `stft/mr` (if `stft`) and, if adversarial, `adv/gen`, `adv/feat`, `adv/disc`."""
+    `mel/l1` (if `mel`: the benchmark's multi-scale mel distance, `duotok.metrics.multiscale_mel_l1`, the
+    form DAC trains with), `stft/mr` (if `stft`) and, if adversarial, `adv/gen`, `adv/feat`, `adv/disc`."""
     vae = model.vae if isinstance(model, VAEWithDisc) else model
     if adversarial and getattr(model, "disc", None) is None:
         raise ValueError("vae_loss(adversarial=True) needs a VAEWithDisc model with a discriminator")
