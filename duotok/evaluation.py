@@ -81,13 +81,16 @@ def lm_metrics(models: dict, train, test, prompt: int) -> dict[str, float]:
     for proto, model in models.items():
         te = L.build_sequences(test.vocals, test.accompaniment, V, proto, prompt=prompt if proto == "v2a" else 0)
         ce = L.score_lm(model, te)
+        ce0 = L.score_lm(model, te, mask="score_no_eos_mask")  # second figure: EOS not scored
         if proto == "dual":  # the accompaniment positions v2a scores, for the conditional-vs-unconditional comparison
             tail = L.build_sequences(test.vocals, test.accompaniment, V, proto, prompt=prompt)
             tail.score_mask[:, 0] = False
             ce["acc_tail"] = L.score_lm(model, tail)["acc"]
+            ce0["acc_tail"] = L.score_lm(model, tail, mask="score_no_eos_mask")["acc"]
         for s, c in ce.items():
             if math.isfinite(c):
                 metrics.update({f"lm/{proto}/{s}/{k}": v for k, v in L.ppl_metrics(c, stream_V[s]).items()})
+        metrics.update({f"lm/{proto}/{k}": v for k, v in L.no_eos_metrics(ce0, stream_V).items()})
         if proto == "dual":
             both = L.stream_metrics({"vocals": ce["vocals"], "acc": ce["acc"]}, V)   # keys "<stream>/<metric>"
             metrics.update({f"lm/dual/{k}": v for k, v in both.items() if k.startswith("overall/")})
@@ -272,9 +275,7 @@ def results_markdown(m: dict, V: tuple[int, int], token_rate: int, notes: list[s
     lines.append(f"| **duotok (ours, this data)** | {token_rate} | 2 x {V[0]}" + ("" if V[0] == V[1] else f"/{V[1]}") +
                  f" | {kbps:.3f} | n/a | n/a | {_f(g('lm/dual/overall/ppl_1024'))} | {pair('pesq')} | {pair('stoi')} "
                  f"| {pair('mel_l1')} |")
-    lines += ["", "Mel L1 here: natural log of the power mel, as the paper (arXiv 2511.20224) states the protocol (see `duotok.metrics`); in "
-              "DAC's loss convention (magnitude mel, log10; about 0.22x) ours is "
-              f"{_f(g('recon/vocals/mel_l1_dac'))} / {_f(g('recon/acc/mel_l1_dac'))} (vocals / acc). Mix-level scores of ours: "
+    lines += ["", *M.table2_notes(m, token_rate), "", "Mix-level scores of ours: "
               f"PESQ {_f(g('recon/mix/pesq'))}, STOI {_f(g('recon/mix/stoi'))}, Mel L1 {_f(g('recon/mix/mel_l1'))}, "
               f"SI-SDR vocals / acc / mix {_f(g('recon/vocals/si_sdr'), 1)} / {_f(g('recon/acc/si_sdr'), 1)} / "
               f"{_f(g('recon/mix/si_sdr'), 1)} dB; raw pitch accuracy of decoded vocals {_f(g('recon/vocals/rpa'))}; "

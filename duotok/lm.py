@@ -19,8 +19,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['N_SPECIAL', 'PROTOCOLS', 'STREAM_NAMES', 'sos', 'eos', 'pad', 'TokenLMConfig', 'LMOutput', 'TokenLM', 'LMBatch',
-           'build_sequences', 'lm_loss', 'score_lm', 'LMObjective', 'ppl_metrics', 'stream_metrics', 'unigram_ce',
-           'generate_accompaniment', 'synthetic_streams']
+           'build_sequences', 'lm_loss', 'score_lm', 'LMObjective', 'ppl_metrics', 'stream_metrics', 'no_eos_metrics',
+           'unigram_ce', 'generate_accompaniment', 'synthetic_streams']
 
 # %% ../nbs/61_lm.ipynb #6d631292
 N_SPECIAL = 3
@@ -108,10 +108,14 @@ PROTOCOLS = ("dual", "v2a")
 
 @dataclass
 class LMBatch:
-    "Inputs `ids (N, K, L)`; targets are `ids[..., 1:]`; masks `(N, K, L - 1)` over targets."
+    """Inputs `ids (N, K, L)`; targets are `ids[..., 1:]`; masks `(N, K, L - 1)` over targets: `train_mask`
+    (codes and EOS), `score_mask` (the protocol's scored codes and their stream's EOS: the benchmark's
+    convention), `score_no_eos_mask` (the scored codes only). Items (for a DataLoader) hold `ids`, `train_mask`,
+    `score_mask`."""
     ids: torch.Tensor
     train_mask: torch.Tensor
     score_mask: torch.Tensor
+    score_no_eos_mask: torch.Tensor
 
     def __len__(self): return self.ids.shape[0]
 
@@ -124,7 +128,7 @@ def build_sequences(vocals, acc, codebook_sizes: Sequence[int], protocol: str = 
 
     `prompt`: number of accompaniment tokens given as an unscored prefix (`v2a` only; the vocal stream is always
     unscored there). For `dual` and `prompt > 0` the accompaniment's first `prompt` tokens are not scored either
-    (the `acc_tail` comparison)."""
+    (the `acc_tail` comparison). Every stream is `[SOS, tokens, EOS]`; SOS is never a target, EOS always is."""
     v, a = torch.as_tensor(np.asarray(vocals), dtype=torch.long), torch.as_tensor(np.asarray(acc), dtype=torch.long)
     if v.ndim != 2 or v.shape != a.shape:
         raise ValueError(f"build_sequences: vocals {tuple(v.shape)} and acc {tuple(a.shape)} must both be (N, T)")
@@ -140,20 +144,26 @@ def build_sequences(vocals, acc, codebook_sizes: Sequence[int], protocol: str = 
         sv = torch.cat([col(1, sos(Vv)), v, col(1, eos(Vv))], 1)
         sa = torch.cat([col(1, sos(Va)), a, col(1, eos(Va))], 1)
         ids = torch.stack([sv, sa], 1)                                  # (N, 2, T + 2)
-        real = torch.zeros(N, 2, T + 1, dtype=torch.bool); real[:, :, :T] = True  # targets 1..T are tokens
-        score = real.clone(); score[:, 1, :prompt] = False
+        L = T + 2
+        first = [0, 0]                                                  # target index of each stream's x_1
+        scored = [0, prompt]                                            # first scored code (after the prompt)
     elif protocol == "v2a":
         sv = torch.cat([col(1, sos(Vv)), v, col(1, eos(Vv)), col(T + 2, pad(Vv))], 1)
         sa = torch.cat([col(T + 2, pad(Va)), col(1, sos(Va)), a, col(1, eos(Va))], 1)
         ids = torch.stack([sv, sa], 1)                                  # (N, 2, 2T + 4)
         L = 2 * T + 4
-        real = torch.zeros(N, 2, L - 1, dtype=torch.bool)
-        real[:, 0, :T] = True                                           # v_1..v_T at positions 1..T
-        real[:, 1, T + 2:2 * T + 2] = True                              # a_1..a_T at positions T+3..2T+2
-        score = torch.zeros_like(real); score[:, 1, T + 2 + prompt:2 * T + 2] = True
+        first = [0, T + 2]                                              # v_1 at position 1, a_1 at position T + 3
+        scored = [T, prompt]                                            # vocals: none (prompt); acc after `prompt`
     else:
         raise ValueError(f"build_sequences: protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    return LMBatch(ids, real, score)
+    train = torch.zeros(N, 2, L - 1, dtype=torch.bool)
+    score, codes = torch.zeros_like(train), torch.zeros_like(train)
+    for k in range(2):
+        f = first[k]                                                    # targets f .. f+T-1 are codes, f+T is EOS
+        train[:, k, f:f + T + 1] = True
+        codes[:, k, f + scored[k]:f + T] = True
+        score[:, k, f + scored[k]:f + T + 1] = scored[k] < T            # the EOS is scored with its stream
+    return LMBatch(ids, train, score, codes)
 
 # %% ../nbs/61_lm.ipynb #988988b6
 def _ce(model: TokenLM, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,17 +232,41 @@ def stream_metrics(ce: dict[str, float], codebook_sizes: Sequence[int]) -> dict[
     return out
 
 
-def unigram_ce(train_ids, test_ids, V: int, alphas: Sequence[float] = (1e-3, 1e-2, 0.1, 0.5, 1.0)) -> tuple[float, float]:
-    """Cross-entropy (nats/token) of `test_ids` under the add-alpha unigram of `train_ids` (codes in [0, V)).
-    Returns (ce, alpha) for the best alpha of the grid on the test tokens (a deliberately strong baseline)."""
-    tr = np.asarray(train_ids).reshape(-1).astype(np.int64)
-    te = np.asarray(test_ids).reshape(-1).astype(np.int64)
+def no_eos_metrics(ce_no_eos: dict[str, float], V: dict[str, int]) -> dict[str, float]:
+    """The second, non-benchmark figure: `<stream>/ce_no_eos` and `<stream>/ppl_1024_no_eos` from the CE over the
+    scored code tokens alone (`score_lm(..., mask="score_no_eos_mask")`), per stream of `V` (stream -> V) with a
+    finite CE, and `overall/*` (mean CE of `vocals` and `acc`) when both are finite."""
+    out = {}
+    for s, c in ce_no_eos.items():
+        if math.isfinite(c):
+            out[f"{s}/ce_no_eos"], out[f"{s}/ppl_1024_no_eos"] = c, ppl_metrics(c, V[s])["ppl_1024"]
+    pair = [ce_no_eos.get(s, float("nan")) for s in ("vocals", "acc")]
+    if all(math.isfinite(c) for c in pair):
+        o = stream_metrics(dict(zip(("vocals", "acc"), pair)), (V["vocals"], V["acc"]))
+        out["overall/ce_no_eos"], out["overall/ppl_1024_no_eos"] = o["overall/ce"], o["overall/ppl_1024"]
+    return out
+
+
+def unigram_ce(train_ids, test_ids, V: int, alphas: Sequence[float] = (1e-3, 1e-2, 0.1, 0.5, 1.0),
+               eos: bool = True) -> tuple[float, float]:
+    """Cross-entropy (nats/target) of `test_ids` under the add-alpha unigram of `train_ids` (codes in [0, V); rows of
+    a 2-D array are sequences, a 1-D array is one sequence). With `eos` every sequence ends in an EOS symbol that is
+    counted and scored like a code, the LM's `[tokens, EOS]` targets. Returns (ce, alpha) for the best alpha of
+    the grid on the test targets (a deliberately strong baseline)."""
+    def targets(x):
+        a = np.asarray(x).astype(np.int64)
+        a = a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
+        if a.size == 0:
+            return a.reshape(-1)
+        return np.concatenate([a, np.full((len(a), 1), V)], 1).reshape(-1) if eos else a.reshape(-1)
+    tr, te = targets(train_ids), targets(test_ids)
     if te.size == 0:
         return float("nan"), float("nan")
-    counts = np.bincount(tr, minlength=V)[:V].astype(np.float64)
+    n_sym = V + int(eos)
+    counts = np.bincount(tr, minlength=n_sym)[:n_sym].astype(np.float64)
     best = (float("inf"), float("nan"))
     for a in alphas:
-        logp = np.log(counts + a) - np.log(counts.sum() + a * V)
+        logp = np.log(counts + a) - np.log(counts.sum() + a * n_sym)
         best = min(best, (float(-logp[te].mean()), a))
     return best
 

@@ -182,7 +182,7 @@ def vae_loss(vae: nn.Module, wav: torch.Tensor, disc: WaveDiscriminator | None =
              generator: torch.Generator | None = None, mel: bool = True, stft: bool = True) -> dict[str, torch.Tensor]:
     """Namespaced VAE losses for a batch of waveforms wav (B, L) at 48 kHz.
 
-    Returns `wave/l1`, `kl`, `mel/l1` (if `mel`: the protocol's multi-scale log-mel L1,
+    Returns `wave/l1`, `kl`, `mel/l1` (if `mel`: the benchmark's multi-scale mel distance,
     `duotok.metrics.multiscale_mel_l1`, as DAC trains with), `stft/mr` (if `stft`) and, with a discriminator
     `disc`, `adv/gen`, `adv/feat`, `adv/disc`."""
     out = vae(wav, sample=True, generator=generator)

@@ -34,17 +34,74 @@ def test_layouts_and_validation():
     v, a = np.arange(4)[None], np.arange(4, 8)[None]
     d = L.build_sequences(v, a, (8, 8), "dual", prompt=2)
     tg = d.ids[:, :, 1:]
-    assert tg[d.train_mask].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
-    assert tg[d.score_mask].tolist() == [0, 1, 2, 3, 6, 7]
+    assert tg[d.train_mask].tolist() == [0, 1, 2, 3, 9, 4, 5, 6, 7, 9]  # codes + EOS (9) of each stream, never SOS
+    assert tg[d.score_mask].tolist() == [0, 1, 2, 3, 9, 6, 7, 9]
+    assert tg[d.score_no_eos_mask].tolist() == [0, 1, 2, 3, 6, 7]
     c = L.build_sequences(v, a, (8, 8), "v2a", prompt=2)
     assert c.ids.shape == (1, 2, 12)
-    assert c.ids[0, :, 1:][c.score_mask[0]].tolist() == [6, 7]
+    assert c.ids[0, :, 1:][c.score_mask[0]].tolist() == [6, 7, 9]
+    assert c.ids[0, :, 1:][c.score_no_eos_mask[0]].tolist() == [6, 7]
+    assert sorted(c.ids[0, :, 1:][c.train_mask[0]].tolist()) == [0, 1, 2, 3, 4, 5, 6, 7, 9, 9]
     with pytest.raises(ValueError, match="outside"):
         L.build_sequences(v, a + 10, (8, 8))
     with pytest.raises(ValueError, match="protocol"):
         L.build_sequences(v, a, (8, 8), "mix")
     with pytest.raises(ValueError, match="max_len"):
         tiny(max_len=8)(c.ids)
+
+
+class ConstantLM(torch.nn.Module):
+    "A fixed model: every position of every stream predicts the same hand-set distribution `p` (V + 3 entries)."
+    K = 2
+
+    def __init__(self, p):
+        super().__init__()
+        self.register_buffer("logp", torch.tensor(p, dtype=torch.float32).log())
+
+    def forward(self, ids):
+        B, _, Lx = ids.shape
+        return L.LMOutput([self.logp.expand(B, Lx, -1) for _ in range(self.K)])
+
+
+# V = 4; ids 0..3, SOS 4, EOS 5, PAD 6; probabilities -> bits: 2, 2, 3, 3, (SOS) 4, (EOS) 3, (PAD) 4
+P_FIXED = [1 / 4, 1 / 4, 1 / 8, 1 / 8, 1 / 16, 1 / 8, 1 / 16]
+
+
+def test_ppl_at_1024_both_conventions_by_hand():
+    """Benchmark convention (targets `[tokens, EOS]`, SOS never scored) and the codes-only figure on a fixed model.
+    vocals [0, 2, 3]: codes 2, 3, 3 bits, EOS 3 bits; accompaniment [1, 1, 2]: codes 2, 2, 3 bits, EOS 3 bits."""
+    m = ConstantLM(P_FIXED)
+    d = L.build_sequences(np.array([[0, 2, 3]]), np.array([[1, 1, 2]]), (4, 4), "dual")
+    ln2 = math.log(2)
+    ce = L.score_lm(m, d)
+    assert ce["vocals"] == pytest.approx(11 / 4 * ln2, rel=1e-6) and ce["acc"] == pytest.approx(10 / 4 * ln2, rel=1e-6)
+    bench = L.stream_metrics(ce, (4, 4))["overall/ppl_1024"]
+    assert bench == pytest.approx(2 ** (21 / 8) * 1024 / 4, rel=1e-6)          # exp(mean_k CE_k) * 1024 / V
+    ce0 = L.score_lm(m, d, mask="score_no_eos_mask")
+    codes = L.no_eos_metrics(ce0, {"vocals": 4, "acc": 4})
+    assert codes["vocals/ce_no_eos"] == pytest.approx(8 / 3 * ln2, rel=1e-6)
+    assert codes["overall/ppl_1024_no_eos"] == pytest.approx(2 ** (15 / 6) * 1024 / 4, rel=1e-6)
+    # v2a, prompt 1: scored accompaniment targets 1, 2, EOS -> (2 + 3 + 3) / 3 bits; without EOS (2 + 3) / 2
+    c = L.build_sequences(np.array([[0, 2, 3]]), np.array([[1, 1, 2]]), (4, 4), "v2a", prompt=1)
+    assert L.score_lm(m, c)["acc"] == pytest.approx(8 / 3 * ln2, rel=1e-6)
+    assert L.score_lm(m, c, mask="score_no_eos_mask")["acc"] == pytest.approx(5 / 2 * ln2, rel=1e-6)
+    assert math.isnan(L.score_lm(m, c)["vocals"])
+
+
+def test_scoring_equals_the_benchmark_loss_on_its_label_layout():
+    """Codec-Evaluation's `data_process` labels each stream `[SOS, tokens, EOS]` (pad -100) and scores it with
+    transformers' `ForCausalLMLoss` (labels shifted by one): the same mean CE as `score_lm` on the dual layout."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    torch.manual_seed(0)
+    model = tiny()
+    v, a = np.random.default_rng(0).integers(0, V, (2, 2, 10))
+    d = L.build_sequences(v, a, (V, V), "dual")
+    ours = L.score_lm(model, d)
+    with torch.no_grad():
+        logits = model(d.ids).logits  # the benchmark feeds the whole [SOS, tokens, EOS] sequence
+    for k, s in enumerate(L.STREAM_NAMES):
+        ref = ForCausalLMLoss(logits[k].float(), d.ids[:, k].clone(), vocab_size=V + L.N_SPECIAL)
+        assert ours[s] == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_ppl_metrics_definitions():
@@ -61,9 +118,14 @@ def test_unigram_baseline():
     rng = np.random.default_rng(0)
     p = np.array([0.5, 0.25, 0.125, 0.125])
     tr, te = rng.choice(4, 20000, p=p), rng.choice(4, 20000, p=p)
-    ce, _ = L.unigram_ce(tr, te, 4)
+    ce, _ = L.unigram_ce(tr, te, 4, eos=False)
     assert ce == pytest.approx(-(p * np.log(p)).sum(), abs=0.01)
     assert math.isnan(L.unigram_ce(tr, [], 4)[0])
+    # with EOS (default): each test sequence of T codes adds one EOS target, p(EOS) = 1 / (T + 1) in the train data
+    seqs = rng.choice(4, (500, 9), p=p)
+    ce_e, _ = L.unigram_ce(seqs, seqs, 4)
+    h = -(p * np.log(p)).sum()
+    assert ce_e == pytest.approx((9 * (h + math.log(10 / 9)) + math.log(10)) / 10, abs=0.02)
 
 
 def test_kv_cache_sampling_matches_full_recompute_and_is_seeded():

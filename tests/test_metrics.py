@@ -26,14 +26,34 @@ def test_mel_scales_are_the_protocol():
 def test_mel_l1_identity_gain_and_monotone(music):
     x, sr, g = music
     assert M.multiscale_mel_l1(x, x, sr).item() == 0.0
-    # a gain g shifts every power-mel log bin by 2 ln g (far from the clamp)
-    assert M.multiscale_mel_l1(x, 2.0 * x, sr).item() == pytest.approx(2 * math.log(2), abs=1e-3)
+    # with Slaney (area-normalised) filters a gain g shifts every power-mel log bin by 2 ln g (far from the clamp)
+    assert M.multiscale_mel_l1(x, 2.0 * x, sr, filters="slaney").item() == pytest.approx(2 * math.log(2), abs=1e-3)
     ds = [M.multiscale_mel_l1(x, x + s * torch.randn(sr, generator=g), sr).item() for s in (0.003, 0.03, 0.3)]
     assert ds[0] < ds[1] < ds[2]
 
 
-def test_mel_l1_matches_torchaudio_reference(music):
-    """Cross-check: the same distance built from torchaudio.transforms.MelSpectrogram (Slaney, power 2)."""
+@pytest.fixture(scope="module")
+def bench_signal():
+    "The issue's reference signal: 2 s at 48 kHz, float32."
+    t = np.arange(96000) / 48000
+    return (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.random.default_rng(0).standard_normal(96000)).astype(np.float32)
+
+
+@pytest.mark.parametrize("case, want", [("half", 1.3374), ("delay_10ms", 0.6685), ("other_noise", 1.6354)])
+def test_mel_l1_reproduces_codec_evaluation_reference_values(bench_signal, case, want):
+    """Reference values of Codec-Evaluation's `calculate_mel_distance` (torchaudio MelSpectrogram defaults:
+    HTK scale, norm=None, power 2; ln of the 1e-5-clamped mels; mean over the 7 scales) at 48 kHz."""
+    x = bench_signal
+    est = {"half": 0.5 * x,
+           "delay_10ms": np.concatenate([np.zeros(480, np.float32), x])[:96000],
+           "other_noise": (0.05 * np.random.default_rng(1).standard_normal(96000)).astype(np.float32)}[case]
+    assert M.multiscale_mel_l1(x, est, 48000).item() == pytest.approx(want, abs=1e-3)
+
+
+@pytest.mark.parametrize("filters, kw", [("htk", {}), ("slaney", {"norm": "slaney", "mel_scale": "slaney"})])
+def test_mel_l1_matches_torchaudio_reference(music, filters, kw):
+    """Cross-check: the distance built from torchaudio.transforms.MelSpectrogram as the benchmark builds it (only
+    sample_rate, n_fft, hop_length, n_mels set: `htk`), and with Slaney scale and norm (`slaney`)."""
     torchaudio = pytest.importorskip("torchaudio")
     x, sr, g = music
     y = x + 0.05 * torch.randn(sr, generator=g)
@@ -41,11 +61,18 @@ def test_mel_l1_matches_torchaudio_reference(music):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for n_fft, n_mels in M.MEL_SCALES:
-            mel = torchaudio.transforms.MelSpectrogram(sr, n_fft=n_fft, hop_length=n_fft // 4, n_mels=n_mels, power=2.0,
-                                                       norm="slaney", mel_scale="slaney")
-            vals.append((mel(x).clamp_min(1e-5).log() - mel(y).clamp_min(1e-5).log()).abs().mean())
+            mel = torchaudio.transforms.MelSpectrogram(sample_rate=sr, n_fft=n_fft, hop_length=n_fft // 4, n_mels=n_mels, **kw)
+            vals.append(torch.mean(torch.abs(torch.log(torch.clamp(mel(x), min=1e-5)) - torch.log(torch.clamp(mel(y), min=1e-5)))))
     ref = torch.stack(vals).mean().item()
-    assert M.multiscale_mel_l1(x, y, sr).item() == pytest.approx(ref, rel=1e-4)
+    assert M.multiscale_mel_l1(x, y, sr, filters=filters).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_mel_filterbank_names():
+    htk, sl = M.mel_filterbank(48000, 2048, 320), M.mel_filterbank(48000, 2048, 320, "slaney")
+    assert htk.shape == sl.shape == (320, 1025)
+    assert htk.max().item() == pytest.approx(1.0, abs=0.01) and sl.max().item() < 0.1  # peak 1 vs area 1
+    with pytest.raises(ValueError, match="filters"):
+        M.mel_filterbank(48000, 2048, 320, "mystery")
 
 
 def test_mel_l1_batched_differentiable_and_shape_checked(music):
@@ -62,7 +89,8 @@ def test_mel_l1_batched_differentiable_and_shape_checked(music):
 
 def test_mel_l1_dac_convention_is_magnitude_log10(music):
     x, sr, _ = music
-    assert M.multiscale_mel_l1(x, 2 * x, sr, power=1.0, log_base=10).item() == pytest.approx(math.log10(2), abs=1e-3)
+    dac = M.multiscale_mel_l1(x, 2 * x, sr, filters="slaney", power=1.0, log_base=10).item()
+    assert dac == pytest.approx(math.log10(2), abs=1e-3)
 
 
 def test_si_sdr_closed_form_and_scale_invariance():

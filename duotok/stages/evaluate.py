@@ -52,7 +52,8 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
         out.mkdir(parents=True, exist_ok=True)
         m, usage = E.token_metrics(train, test)
         np.savez(out / "code_counts.npz", vocals=usage["vocals"].counts, acc=usage["acc"].counts)
-        m.update({**E.lm_metrics(models, train, test, prompt), **lm_s, "lm_s": round(time.time() - t0, 1)})
+        m.update({**E.lm_metrics(models, train, test, prompt), **lm_s, "lm_s": round(time.time() - t0, 1),
+                  "lm/train_steps": lt.steps, "sample_rate": sr})
         from duotok.tokenizer import DuoTok
         tok = tokenizer if tokenizer is not None else DuoTok.from_pretrained(ecfg.package)
         if ecfg.sampling_steps > 0 and hasattr(type(tok), "decoder"):      # 0 = the package's own sampling steps
