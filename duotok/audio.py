@@ -21,9 +21,9 @@ import torchaudio
 from .core import InputError, atomic_path
 
 # %% auto #0
-__all__ = ['SINC_KERNEL_LIMIT', 'MIN_SR', 'MAX_SR', 'MAX_DURATION_S', 'STANDARD_RATES', 'AudioError', 'sinc_kernel_size',
-           'resample', 'to_mono', 'AudioInfo', 'audio_info', 'check_sample_rate', 'check_audio_info', 'load_audio',
-           'save_audio', 'n_frames', 'log_mel', 'stft', 'istft', 'chroma']
+__all__ = ['SINC_KERNEL_LIMIT', 'MIN_SR', 'MAX_SR', 'MAX_DURATION_S', 'STANDARD_RATES', 'LOG_MEL_EPS', 'AudioError',
+           'sinc_kernel_size', 'resample', 'to_mono', 'AudioInfo', 'audio_info', 'check_sample_rate',
+           'check_audio_info', 'load_audio', 'save_audio', 'n_frames', 'log_mel', 'stft', 'istft', 'chroma']
 
 # %% ../nbs/02_audio.ipynb #0fb3bd21
 class AudioError(InputError):
@@ -160,7 +160,10 @@ def n_frames(n_samples: int, hop: int) -> int:
     "Frames of a centred STFT over `n_samples`."
     return n_samples // hop + 1
 
-def log_mel(x, sr: int, n_fft: int = 1024, hop: int = 240, n_mels: int = 128, eps: float = 1e-5,
+LOG_MEL_EPS = 1e-12
+"Power floor of `log_mel` (-120 dB): far below any level the encoder's level-relative floor keeps (nbs/20_encoder)."
+
+def log_mel(x, sr: int, n_fft: int = 1024, hop: int = 240, n_mels: int = 128, eps: float = LOG_MEL_EPS,
             center: bool = True) -> torch.Tensor:
     """Waveform (..., N) at `sr` -> natural-log mel power (..., n_mels, N // hop + 1): the encoder's front end.
     `center=False` frames an already reflect-padded signal ((N - n_fft) // hop + 1 frames; the streaming

@@ -198,11 +198,21 @@ class EncoderConfig:
     ffn_mult: int = 4
     dropout: float = 0.0
     conv_channels: int = 256    # channels of the convolutional subsampler
+    # input front end (duotok.models.encoder, "Level-invariant front end"): "local" = log-mel minus a local level
+    # estimate with a floor relative to it (a constant gain changes nothing); "none" = per-bin standardised raw log-mel
+    level: Literal["local", "none"] = "local"
+    level_window_s: float = 2.0          # centred window of the local level (mean mel power over bins and frames)
+    level_floor_db: float = 35.0         # bins more than this below the local level are clamped to it
+    level_gate_db: float = -80.0         # local levels below this (mel power, dB) count as silence (not level-normalised)
+    lower_attention_window: int = 8      # lower blocks attend +-this many tokens (0 = full): bounds the tokens' context
 
     def validate(self, key: str) -> None:
         if not 0 < self.lower_layers < self.layers: raise ConfigError(f"{key}.lower_layers must be in (0, layers)")
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ConfigError(f"{key}.heads must divide width into even head dimensions (rotary embedding)")
+        if self.level_window_s <= 0 or self.level_floor_db <= 0:
+            raise ConfigError(f"{key}.level_window_s and {key}.level_floor_db must be > 0")
+        if self.lower_attention_window < 0: raise ConfigError(f"{key}.lower_attention_window must be >= 0 (0 = full attention)")
 
     @property
     def upper_layers(self) -> int: return self.layers - self.lower_layers
@@ -341,6 +351,8 @@ class EvaluateConfig:
     top_k: int                  # 0 = no top-k filtering
     asr_segments: int           # decoded vocals transcribed for lyric CER/WER (needs faster-whisper; 0 = off)
     visqol_segments: int        # test segments scored with ViSQOL audio mode (visqol-python; 0 = off)
+    stability_s: float          # seconds of whole songs per split (test, shift) re-encoded for token stability (0 = off)
+    pitch_probe: bool           # probe the vocal bottleneck and codes for the score's pitch (duotok.stability)
 
 # %% ../nbs/01_config.ipynb #840fbd11
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from .core import atomic_write_json
 # %% auto #0
 __all__ = ['PUBLISHED', 'published_points', 'load_token_split', 'prompt_tokens', 'token_lm', 'lm_metrics', 'token_metrics',
            'Prefixed', 'load_test_audio', 'lyric_text', 'reconstruction_part', 'generate_example', 'evaluation_notes',
-           'results_markdown', 'make_plots']
+           'results_markdown', 'make_plots', 'attach_score_f0', 'stability_splits', 'pitch_probe_part',
+           'stability_markdown', 'stability_plot']
 
 # %% ../nbs/62_evaluation.ipynb #04e0b80b
 PUBLISHED = [
@@ -180,6 +181,9 @@ def reconstruction_part(tok, items: list[dict], sr: int, pitch_segments: int = 0
             if track == "vocals" and rpa_left > 0:
                 f_ref, f_est = M.pitch_track(refs[track], sr), M.pitch_track(ests[track], sr)
                 m["rpa"] = M.raw_pitch_accuracy(f_ref, f_est)
+                if it.get("f0_score") is not None:              # the score (see attach_score_f0): decoded vs it, and
+                    m["rpa_score"] = M.raw_pitch_accuracy(it["f0_score"], f_est)        # the tracker's own ceiling
+                    m["rpa_score_ceiling"] = M.raw_pitch_accuracy(it["f0_score"], f_ref)
                 rpa_left -= 1
             if track == "vocals" and asr_left > 0 and (text := lyric_text(it, vocab)):
                 lyr["ref"].append(text)
@@ -336,3 +340,129 @@ def make_plots(m: dict, usage: dict, rows: list[dict], plot_dir: Path) -> list[P
             ax.boxplot(data, tick_labels=["vocals", "acc", "mix"]); ax.set_title(k)
         fig.tight_layout(); paths.append(plot_dir / "reconstruction.png"); fig.savefig(paths[-1], dpi=100); plt.close(fig)
     return paths
+
+# %% ../nbs/62_evaluation.ipynb #03c7f600
+def attach_score_f0(items: list[dict], render_root: str | Path, sr: int) -> list[dict]:
+    """Items of preprocess segments (`segment` = `<song>@<start s>`, `wav48_vocals` at `sr`), each with `f0_score` added
+    (Hz per 10 ms frame over the segment) where the render stage knows the song's score (`duotok.stability.rendered_f0`)."""
+    from duotok import stability as S
+    cache, out = {}, []
+    for it in items:
+        song, start = S.segment_start(str(it.get("segment", "")))
+        if song not in cache: cache[song] = S.rendered_f0(render_root, song)
+        f0, it = cache[song], dict(it)
+        if f0 is not None:
+            n, a = int(math.ceil(np.asarray(it["wav48_vocals"]).shape[-1] / (sr * 0.01))), int(round(start * 100))
+            it["f0_score"] = np.pad(f0[a:a + n], (0, max(0, n - len(f0[a:a + n]))))
+        out.append(it)
+    return out
+
+
+def stability_splits(tok, prep_root: str | Path, render_root: str | Path, seconds: float, sr: int, seed: int = 0,
+                     splits=("test", "shift")) -> tuple[dict, list[dict], list[str]]:
+    """`duotok.stability.stability_part` on up to `seconds` of whole songs of each split of the preprocess manifest ->
+    (metrics, per-song rows, notes for the splits that are missing)."""
+    from duotok import stability as S
+    m, rows, notes = {}, [], []
+    for split in splits:
+        names = S.split_songs(prep_root, split)
+        if not names:
+            notes.append(f"no `{split}` split in the corpus: its token stability is not measured")
+            continue
+        songs, total = [], 0.0
+        for name in names:
+            if total >= seconds: break
+            songs.append(S.load_song(render_root, name, sr)); total += songs[-1].duration_s
+        sm, sr_ = S.stability_part(tok, songs, split, seed)
+        m.update(sm); rows += sr_
+    return m, rows, notes
+
+
+@torch.no_grad()
+def pitch_probe_part(te, prep_root: str | Path, render_root: str | Path, seed: int = 0,
+                     splits=("train", "test")) -> dict[str, float]:
+    """`duotok.stability.pitch_probe` of a `TokenEncoder`'s vocal views on the preprocess segments: fitted on `splits[0]`,
+    scored on `splits[1]`, labels from the rendered songs' scores. Empty when no segment has a score."""
+    from duotok import stability as S
+    from duotok.data import SegmentDataset
+    cache = {}
+    def f0(song):
+        if song not in cache: cache[song] = S.rendered_f0(render_root, song)
+        return cache[song]
+    parts = {}
+    for split in splits:
+        ds = SegmentDataset(prep_root, split=split, fields=["mel_vocals", "segment", "song"])
+        items = [ds[i] for i in range(len(ds))]
+        mels = torch.stack([torch.as_tensor(np.asarray(it["mel_vocals"])) for it in items])
+        views = S.vocal_views(te, mels)
+        semi, pc, voiced = S.pitch_labels([str(it["segment"]) for it in items], views["ids"].shape[1], f0, te.token_rate)
+        parts[split] = {"views": views, "semitone": semi, "pc": pc, "voiced": voiced, "songs": [str(it["song"]) for it in items]}
+    if not all(p["voiced"].any() for p in parts.values()): return {}
+    return S.pitch_probe(parts[splits[0]], parts[splits[1]], te.codebook_sizes[0], seed)
+
+
+def _pct(x): return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.0f} %"
+
+
+def stability_markdown(m: dict) -> str:
+    "Results tables: token stability and codes per split, pitch at every link of the chain, the pitch probe, the shift split."
+    from duotok.stability import PERTURBATIONS
+    splits = [s for s in ("test", "shift") if f"stability/{s}/n_songs" in m]
+    lines = ["## Token stability (whole songs)", ""]
+    if not splits:
+        return "\n".join(lines + ["Not measured (`evaluate.stability_s` = 0).", ""])
+    cols = [(s, t) for s in splits for t in ("vocals", "acc")]
+    lines += ["Share of token IDs unchanged after the perturbation, per track (in brackets: audible tokens only). "
+              + "; ".join(f"`{s}`: {m[f'stability/{s}/n_songs']:.0f} songs, {m[f'stability/{s}/seconds']:.0f} s" for s in splits)
+              + ".", "", "| perturbation | " + " | ".join(f"{s} {t}" for s, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for p in PERTURBATIONS:
+        cells = [f"{_pct(m.get(f'stability/{s}/{p}/{t}'))} ({_pct(m.get(f'stability/{s}/{p}/{t}_active'))})" for s, t in cols]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    for key, name, fmt in (("distinct_per_20s", "distinct codes per 20 s", "{:.0f}"), ("usage", "codebook usage", "{:.2f}"),
+                           ("perplexity", "code perplexity", "{:.0f}")):
+        vals = [m.get(f"codes/{s}/{t}/{key}") for s, t in cols]
+        lines.append(f"| {name} | " + " | ".join("n/a" if v is None or not math.isfinite(v) else fmt.format(v) for v in vals) + " |")
+    lines += ["", "gain: both stems scaled; noise: white, 30 dB below each stem's RMS; shift: the song started 2 s later, "
+              "compared on the overlap; window: 4 s windows (with the tokenizer's context) vs the whole song in one window.", ""]
+    chain = [("original (tracker vs score: ceiling)", m.get("recon/vocals/rpa_score_ceiling"), 1.0),
+             ("VAE round trip", m.get("pitch/vae/rpa_score"), m.get("pitch/vae/rpa")),
+             ("decoded from tokens", m.get("recon/vocals/rpa_score"), m.get("recon/vocals/rpa"))]
+    lines += ["## Vocal pitch through the chain", "", "Raw pitch accuracy (50 cents) of the vocal at each link, against the "
+              "score F0 and against the tracker's F0 of the original vocal (torchcrepe tiny).", "",
+              "| link | vs score | vs original |", "|---|---|---|"]
+    lines += [f"| {name} | {_f(a)} | {_f(b)} |" for name, a, b in chain]
+    if any(k.startswith("pitch/probe/") for k in m):
+        lines += ["", "Linear probe of the sung pitch (train segments -> test segments, voiced tokens): accuracy from the "
+                  "bottleneck before quantization (`z`), from the chosen codeword (`z_q`) and from the code ID (one-hot).", "",
+                  "| label | z | z_q | code ID | majority class |", "|---|---|---|---|---|"]
+        for lab, name in (("pc", "pitch class (12)"), ("semitone", "semitone")):
+            g = lambda v: m.get(f"pitch/probe/{lab}/{v}")
+            lines.append(f"| {name} | {_f(g('z'))} | {_f(g('zq'))} | {_f(g('ids'))} | {_f(g('majority'))} |")
+    if "recon_shift/vocals/mel_l1" in m or "recon_shift/acc/mel_l1" in m:
+        lines += ["", "## Shift split: reconstruction", "", "| track | mel L1 shift | mel L1 test | ratio | PESQ shift | STOI shift |",
+                  "|---|---|---|---|---|---|"]
+        for t in ("vocals", "acc", "mix"):
+            a, b = m.get(f"recon_shift/{t}/mel_l1"), m.get(f"recon/{t}/mel_l1")
+            r = a / b if a is not None and b else None
+            lines.append(f"| {t} | {_f(a)} | {_f(b)} | {_f(r)} | {_f(m.get(f'recon_shift/{t}/pesq'))} | {_f(m.get(f'recon_shift/{t}/stoi'))} |")
+    return "\n".join(lines + [""])
+
+
+def stability_plot(m: dict, plot_dir: Path) -> Path | None:
+    "Bar chart of token agreement per perturbation, track and split (`stability.png`); None when not measured."
+    from duotok.stability import PERTURBATIONS
+    splits = [s for s in ("test", "shift") if f"stability/{s}/n_songs" in m]
+    if not splits: return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    cols = [(s, t) for s in splits for t in ("vocals", "acc")]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    x, w = np.arange(len(PERTURBATIONS)), 0.8 / len(cols)
+    for j, (s, t) in enumerate(cols):
+        ax.bar(x + (j - (len(cols) - 1) / 2) * w, [m.get(f"stability/{s}/{p}/{t}", np.nan) for p in PERTURBATIONS], w, label=f"{s} {t}")
+    ax.set_xticks(x, PERTURBATIONS, fontsize=8); ax.set_ylim(0, 1); ax.set_ylabel("token IDs unchanged"); ax.legend(fontsize=7)
+    ax.axhline(0.9, color="gray", lw=0.5, ls="--"); ax.axhline(0.8, color="gray", lw=0.5, ls=":")
+    fig.tight_layout(); p = plot_dir / "stability.png"; fig.savefig(p, dpi=100); plt.close(fig)
+    return p

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -80,10 +81,10 @@ class BestRQ(nn.Module):
     def span_tokens(self) -> int:
         return max(1, int(round(self.cfg.mask_span_s * self.encoder.audio.token_rate)))
 
-    def targets(self, mel: torch.Tensor) -> torch.Tensor:
-        "Target ids (B, T, K) of raw log-mel (B, n_mels, F): standardise, stack 4 frames, quantize."
+    def targets(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        "Target ids (B, T, K) of raw log-mel (B, n_mels, F): the encoder's normalised input, 4 frames stacked, quantized."
         ds = self.encoder.audio.downsample
-        x = self.encoder.normalize(mel)
+        x = self.encoder.normalize(mel, mask)
         x = F.pad(x, (0, (-x.shape[-1]) % ds))
         return self.quantizer(rearrange(x, "b m (t s) -> b t (s m)", s=ds))
 
@@ -93,11 +94,11 @@ class BestRQ(nn.Module):
         Masks spans, replaces masked frames by N(0, mask_noise_std), predicts the targets."""
         ds = self.encoder.audio.downsample
         b, _, n_frames = mel.shape
-        targets = self.targets(mel)                                               # (B, T, K)
+        targets = self.targets(mel, mask)                                         # (B, T, K)
         n_tok = targets.shape[1]
         tmask = span_mask(b, n_tok, self.span_tokens, self.cfg.mask_prob, generator, mel.device)
         fmask = tmask.repeat_interleave(ds, dim=1)[:, :n_frames]                  # (B, F) at 100 Hz
-        x = self.encoder.normalize(mel)
+        x = self.encoder.normalize(mel, mask)
         noise = torch.randn(x.shape, generator=generator).to(x) * self.cfg.mask_noise_std
         x = torch.where(fmask[:, None, :], noise, x)
         out = self.encoder(x, mask, normalized=True)
@@ -119,10 +120,16 @@ def bestrq_loss(model: BestRQ, batch: dict) -> dict[str, torch.Tensor]:
     Only calls the model (DDP-safe: no attribute of a wrapped model is read)."""
     return model(batch["mel_mix"], batch.get("mel_mask")).losses
 
-def build_bestrq(cfg: SSLConfig, audio: AudioConfig, manifest: dict | None = None) -> BestRQ:
-    "A fresh BEST-RQ model from the `ssl` section; encoder input normalisation from the preprocess manifest's mel stats."
+def build_bestrq(cfg: SSLConfig, audio: AudioConfig, manifest: dict | None = None, train=None,
+                 max_items: int = 256) -> BestRQ:
+    """A fresh BEST-RQ model from the `ssl` section. The encoder's per-bin input statistics are those of its front end
+    (`MusicEncoder.fit_normalization`) on up to `max_items` evenly spaced items of `train` (a dataset of items with
+    `mel_mix`); without `train`, a `level: none` encoder takes the preprocess manifest's raw log-mel statistics."""
     enc = MusicEncoder(cfg.encoder, audio)
-    if manifest is not None and "mel_mean" in manifest:
+    if train is not None and len(train):
+        idx = sorted({int(i) for i in torch.linspace(0, len(train) - 1, min(max_items, len(train)))})
+        enc.fit_normalization(torch.as_tensor(np.asarray(train[i]["mel_mix"])) for i in idx)
+    elif cfg.encoder.level == "none" and manifest is not None and "mel_mean" in manifest:
         enc.set_normalization(manifest["mel_mean"], manifest["mel_std"])
     return BestRQ(enc, cfg)
 

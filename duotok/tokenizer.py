@@ -16,10 +16,12 @@ from torch import Tensor, nn
 
 from .config import AudioConfig, read_section
 from .core import atomic_write
+from .models.encoder import window_plan
 
 # %% auto #0
-__all__ = ['TOKEN_FORMAT', 'TOKEN_FORMAT_VERSION', 'TOKENIZER_FORMAT', 'TokenFileError', 'DualTokens', 'token_state_dict',
-           'TokenEncoder', 'tokenize_split', 'Decoded', 'stream_log_mel', 'DuoTok', 'package_encoder']
+__all__ = ['TOKEN_FORMAT', 'TOKEN_FORMAT_VERSION', 'TOKENIZER_FORMAT', 'ENCODE_CHUNK_S', 'TokenFileError', 'DualTokens',
+           'token_state_dict', 'TokenEncoder', 'tokenize_split', 'Decoded', 'stream_log_mel', 'DuoTok',
+           'package_encoder']
 
 # %% ../nbs/42_tokenizer.ipynb #9758fdda
 TOKEN_FORMAT = "duotok-tokens"
@@ -198,6 +200,10 @@ class TokenEncoder(nn.Module):
     @property
     def downsample(self) -> int: return int(self.audio.downsample)
     @property
+    def receptive_field_tokens(self) -> int | None:
+        "Tokens of context on each side a token depends on (`MusicEncoder.receptive_field_tokens`); None = unbounded."
+        return getattr(self.encoder, "receptive_field_tokens", None)
+    @property
     def bits_per_second(self) -> float:
         "token_rate x (log2 K_vocals + log2 K_acc) = 2 x token_rate x log2 K."
         return self.token_rate * sum(math.log2(k) for k in self.codebook_sizes)
@@ -272,6 +278,9 @@ def tokenize_split(encoder: TokenEncoder, dataset, batch_size: int = 32, progres
 # %% ../nbs/42_tokenizer.ipynb #7572f347
 TOKENIZER_FORMAT = "duotok-tokenizer"
 
+ENCODE_CHUNK_S = 20.0
+"Seconds of kept tokens per `DuoTok.encode` window (plus the context on each side); with the default context the tokens do not depend on it."
+
 
 @dataclass
 class Decoded:
@@ -343,13 +352,20 @@ class DuoTok:
     `decode(tokens) -> Decoded`. Build with `from_pretrained(dir)` or `DuoTok(token_encoder)`."""
 
     def __init__(self, encoder: TokenEncoder, decoder_dir: str | os.PathLike | None = None,
-                 chunk_s: float = 4.0, context_s: float = 0.0, batch_windows: int = 16, device: str = "cpu",
-                 block_s: float = 30.0):
+                 chunk_s: float = ENCODE_CHUNK_S, context_s: float | None = None, batch_windows: int = 16,
+                 device: str = "cpu", block_s: float = 30.0):
         self.encoder = encoder.to(device)
         self.block_s = block_s
         self.decoder_dir = Path(decoder_dir) if decoder_dir is not None else None
         self.chunk_s, self.context_s, self.batch_windows, self.device = chunk_s, context_s, batch_windows, device
         self._decoder = None
+
+    @property
+    def context_tokens(self) -> int:
+        """Context tokens on each side of a window: `context_s` when given, else the encoder's receptive field (then
+        windowed encoding equals whole-song encoding), or 0 for an encoder whose receptive field is unbounded."""
+        if self.context_s is not None: return max(0, int(round(self.context_s * self.token_rate)))
+        return self.encoder.receptive_field_tokens or 0
 
     @classmethod
     def from_pretrained(cls, dir: str | os.PathLike, device: str = "cpu", **kw) -> "DuoTok":
@@ -401,9 +417,7 @@ class DuoTok:
                              f"{tuple(mel_vocals.shape)}, {tuple(mel_acc.shape)}")
         T = F_ // ds
         chunk = T if self.chunk_s <= 0 else max(1, int(round(self.chunk_s * self.token_rate)))
-        ctx = 0 if self.chunk_s <= 0 else max(0, int(round(self.context_s * self.token_rate)))
-        starts = list(range(0, T, chunk))
-        windows = [(s, max(0, s - ctx), min(T, s + chunk + ctx)) for s in starts]
+        windows = window_plan(T, chunk, self.context_tokens)
         ids_v = torch.empty(T, dtype=torch.long); ids_a = torch.empty(T, dtype=torch.long)
         # group windows of equal length so they batch; order is fixed, so results are deterministic
         groups: dict[int, list] = {}
@@ -466,10 +480,11 @@ class DuoTok:
         return Decoded(wv, wa, wv + wa, sr)
 
 
-def package_encoder(codebook_dir: str | os.PathLike, out_dir: str | os.PathLike, chunk_s: float = 4.0,
-                    context_s: float = 0.0, batch_windows: int = 16, model_id: str | None = None) -> Path:
+def package_encoder(codebook_dir: str | os.PathLike, out_dir: str | os.PathLike, chunk_s: float = ENCODE_CHUNK_S,
+                    context_s: float | None = None, batch_windows: int = 16, model_id: str | None = None) -> Path:
     """Write the encoder half of a packaged tokenizer: `<out_dir>/encoder/` (from the `codebook` stage's
-    checkpoint) and `<out_dir>/tokenizer.json`. The decoder stage adds `<out_dir>/decoder/`."""
+    checkpoint) and `<out_dir>/tokenizer.json`. The decoder stage adds `<out_dir>/decoder/`. `context_s` None (stored
+    as null): the encoder's receptive field, so windowed encoding equals whole-song encoding."""
     from duotok.core import atomic_write_json
     out_dir = Path(out_dir)
     te = TokenEncoder.from_checkpoint(codebook_dir)

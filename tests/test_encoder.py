@@ -1,11 +1,15 @@
-"Encoder invariants: shapes and rates, padding masks, named halves, chunked inference, paper scale."
+"Encoder invariants: shapes and rates, padding masks, named halves, chunked inference, the level-invariant front end, the\nbounded receptive field of the banded lower half, paper scale."
+import dataclasses
+import math
+
 import pytest
 import torch
 
 from _helpers import ROOT, audio
 from duotok.config import ConfigError, EncoderConfig
 from duotok.core import count_parameters
-from duotok.models.encoder import MusicEncoder, encoder_from_config, load_encoder, tokens_for_frames
+from duotok.models.encoder import (DB_TO_NATS, MusicEncoder, attention_mask, encode_windows, encoder_from_config, load_encoder,
+                                   local_level, tokens_for_frames)
 
 torch.set_num_threads(1)
 CFG = EncoderConfig(width=32, layers=4, lower_layers=2, heads=2, conv_channels=16)
@@ -56,7 +60,7 @@ def test_halves_and_hidden_states(enc):
 
 
 def test_normalization_buffers(enc):
-    e = MusicEncoder(CFG, AUDIO)
+    e = MusicEncoder(dataclasses.replace(CFG, level="none"), AUDIO)
     e.set_normalization(torch.full((32,), 2.0), torch.full((32,), 4.0))
     assert torch.allclose(e.normalize(torch.full((1, 32, 3), 6.0)), torch.ones(1, 32, 3))
     assert "mel_mean" in e.state_dict() and "mel_std" in e.state_dict()
@@ -99,3 +103,62 @@ def test_paper_scale_meta():
     print(f"paper-scale encoder parameters: {n:,}")
     assert c.layers == 24 and c.lower_layers == 12 and c.width == 1024 and c.upper_layers == 12
     assert 290e6 < n < 320e6 and out.last.shape == (1, 750, 1024)
+
+
+def test_front_end_is_gain_invariant_and_floored():
+    "A gain adds the same log factor to every bin and to the local level: the features do not move, clamp included."
+    e = MusicEncoder(CFG, AUDIO)
+    mel = torch.randn(2, 32, 300) * 3 - 4
+    x = e.front_end(mel)
+    for db in (-30.0, -6.0, -1.0, 3.0, 20.0):
+        assert torch.allclose(e.front_end(mel + db * DB_TO_NATS), x, atol=1e-5), db
+    assert x.min() >= -CFG.level_floor_db * DB_TO_NATS - 1e-6                   # the relative floor
+    silence = torch.full((1, 32, 50), math.log(1e-12))                              # below the gate: stays at the floor
+    assert torch.allclose(e.front_end(silence), torch.full_like(silence, -CFG.level_floor_db * DB_TO_NATS))
+    # the level is local: the mean over a centred window, edges averaged over the frames that exist
+    lv = local_level(torch.zeros(1, 4, 10), 3)
+    assert torch.allclose(lv, torch.zeros(1, 10), atol=1e-6)
+
+
+def test_front_end_config_is_checked():
+    with pytest.raises(ValueError, match="gain-invariant"):
+        MusicEncoder(dataclasses.replace(CFG, level_floor_db=60.0, level_gate_db=-70.0), AUDIO)
+    with pytest.raises(ConfigError, match="lower_attention_window"):
+        MusicEncoder(dataclasses.replace(CFG, lower_attention_window=-1), AUDIO)
+
+
+def test_fit_normalization_standardises_the_front_end():
+    e = MusicEncoder(CFG, AUDIO)
+    mels = torch.randn(6, 32, 200) * 2 - 3
+    e.fit_normalization(mels)
+    z = e.normalize(mels)
+    assert torch.allclose(z.mean((0, 2)), torch.zeros(32), atol=1e-3) and torch.allclose(z.std((0, 2)), torch.ones(32), atol=2e-2)
+    e2 = MusicEncoder(CFG, AUDIO); e2.fit_normalization(iter(list(mels)))           # an iterable of (n_mels, F) gives the same
+    assert torch.allclose(e2.mel_mean, e.mel_mean, atol=1e-5)
+
+
+def test_attention_mask_band_and_padding():
+    m = torch.ones(2, 12, dtype=torch.bool); m[1, 5:] = False
+    a = attention_mask(m, 12, window=2)
+    assert a.shape == (2, 1, 12, 12) and a.any(-1).all()                           # no query row is empty
+    assert not a[0, 0, 0, 3] and a[0, 0, 0, 2] and not a[1, 0, 4, 5] and a[1, 0, 11, 11]
+    assert attention_mask(None, 12, 0) is None and attention_mask(m, 12, 0).shape == (2, 1, 1, 12)
+    assert attention_mask(None, 3, 2) is None                                      # the band covers everything
+
+
+def test_receptive_field_is_exact():
+    "Windows with receptive_field_tokens of context give the whole input's lower-half features; a shift shifts them."
+    torch.manual_seed(0)
+    e = MusicEncoder(dataclasses.replace(CFG, lower_attention_window=3), AUDIO).eval()
+    rf = e.receptive_field_tokens
+    assert rf == 2 * 3 + math.ceil((3 + e.level_window // 2) / 4)
+    assert MusicEncoder(dataclasses.replace(CFG, lower_attention_window=0), AUDIO).receptive_field_tokens is None
+    mel = torch.randn(1, 32, 3000, generator=torch.Generator().manual_seed(1)) - 2
+    with torch.no_grad():
+        whole = e.lower(mel)
+        win = torch.cat([f for _, f in encode_windows(e.lower, mel, 60, rf)], 1)
+        assert (win - whole).abs().max() < 1e-4
+        sh = e.lower(mel[..., 400:])                                                # 4 s later = 100 tokens
+        assert (sh[:, rf:] - whole[:, 100 + rf:]).abs().max() < 1e-4
+        # the upper half attends globally: it is not part of the exactness claim
+        assert e.encode_chunked(mel, chunk_s=2.4, layer=1).shape == whole.shape

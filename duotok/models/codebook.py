@@ -64,7 +64,7 @@ class CodebookOutput:
     feats: Tensor               # (2B, T, D) upper-half output on quantized features
     h: Tensor                   # (2B, T, D) frozen lower-half output
     q: DualQuantOutput          # h_q, ids, losses, label
-    preds: dict[str, Tensor]    # mel (2B, n_mels, 4T) raw log-mel, chroma (2B, 12, 4T), lyrics (2B, T, V) log-probs
+    preds: dict[str, Tensor]    # mel (2B, n_mels, 4T) front-end features, chroma (2B, 12, 4T), lyrics (2B, T, V) log-probs
 
 
 class CodebookModel(nn.Module):
@@ -106,7 +106,7 @@ class CodebookModel(nn.Module):
         return {n: count_parameters(m, trainable_only=True) for n, m in self.named_children()}
 
     def predict(self, feats: Tensor) -> dict[str, Tensor]:
-        "Head outputs of upper features (B, T, D): mel as raw natural-log mel, chroma, lyric log-probs."
+        "Head outputs of upper features (B, T, D): mel as the encoder's front-end features (level-relative log-mel), chroma, lyric log-probs."
         e = self.encoder
         mel = self.heads.mel(feats) * e.mel_std[:, None] + e.mel_mean[:, None]
         return {"mel": mel, "chroma": self.heads.chroma(feats), "lyrics": self.heads.lyrics(feats)}
@@ -122,9 +122,9 @@ class CodebookModel(nn.Module):
         return CodebookOutput(feats, h, q, self.predict(feats))
 
     def losses(self, out: CodebookOutput, b: dict) -> dict[str, Tensor]:
-        """`vq/*`, `mel/l1` (raw log-mel), `chroma/l1`, `asr/ctc` (accompaniment items have empty targets) and
+        """`vq/*`, `mel/l1` (vs the encoder's front-end features of the input), `chroma/l1`, `asr/ctc` (accompaniment items have empty targets) and
         `asr/frame` (frame CE vs `lyric_frames`) when the batch has them."""
-        p, mel_t, chroma_t = out.preds, b["mel"], b["chroma"]
+        p, mel_t, chroma_t = out.preds, self.encoder.front_end(b["mel"]), b["chroma"]
         losses = {**out.q.losses,
                   "mel/l1": (match_frames(p["mel"], mel_t.shape[-1]) - mel_t).abs().mean(),
                   "chroma/l1": (match_frames(p["chroma"], chroma_t.shape[-1]) - chroma_t).abs().mean(),
@@ -248,7 +248,7 @@ def codebook_validate(model: CodebookModel, loader, max_batches: int | None = No
             for k, v in model.losses(out, b).items(): sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
             for j, t in enumerate(TRACKS): ids[t].append(out.q.ids[b["label"] == j].flatten())
-            for k in tg: tg[k].append(b[k])
+            tg["mel"].append(model.encoder.front_end(b["mel"])); tg["chroma"].append(b["chroma"])
             sung = [j for j, k in enumerate(b["lyric_len"]) if int(k) > 0]
             hyps += greedy_decode(out.preds["lyrics"][sung], blank_bias=blank_bias) if sung else []
             refs += [b["lyric_ids"][j][:int(b["lyric_len"][j])].tolist() for j in sung]

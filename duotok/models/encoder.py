@@ -11,12 +11,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..audio import LOG_MEL_EPS
 from ..checkpoint import load_checkpoint
 from ..config import AudioConfig, EncoderConfig, read_section
 
 # %% auto #0
-__all__ = ['ROPE_BASE', 'tokens_for_frames', 'lengths_to_mask', 'ConvSubsampler', 'RotaryEmbedding', 'apply_rotary',
-           'TransformerBlock', 'EncoderOutput', 'MusicEncoder', 'encoder_from_config', 'load_encoder']
+__all__ = ['ROPE_BASE', 'SUBSAMPLER_REACH', 'DB_TO_NATS', 'LEGACY_LOG_EPS', 'tokens_for_frames', 'lengths_to_mask',
+           'ConvSubsampler', 'RotaryEmbedding', 'apply_rotary', 'attention_mask', 'TransformerBlock', 'local_level',
+           'level_relative', 'EncoderOutput', 'MusicEncoder', 'window_plan', 'encode_windows', 'encoder_from_config',
+           'load_encoder']
 
 # %% ../../nbs/20_encoder.ipynb #a6b23022
 ROPE_BASE = 10000.0
@@ -43,6 +46,9 @@ class ConvSubsampler(nn.Module):
         x = F.gelu(self.conv2(F.gelu(self.conv1(x))))       # (B, C, T)
         return self.proj(rearrange(x, "b c t -> b t c"))     # (B, T, D)
 
+SUBSAMPLER_REACH = 3
+"Token t of `ConvSubsampler` reads mel frames 4t-3 .. 4t+3: 3 frames beyond its own on each side."
+
 class RotaryEmbedding(nn.Module):
     "Rotary position embedding (RoFormer) for head dim `dim`; applied to q and k."
     def __init__(self, dim: int, base: float = 10000.0):
@@ -63,6 +69,17 @@ def apply_rotary(x, cos, sin):
     "x (B, H, T, dh); cos/sin (T, dh)."
     return x * cos + _rotate_half(x) * sin
 
+def attention_mask(mask: torch.Tensor | None, n_tokens: int, window: int = 0, device=None) -> torch.Tensor | None:
+    """The boolean SDPA mask (True = may attend) for a (B, T) key mask (True = valid) and a band of +-`window` tokens
+    (0 = no band): (B, 1, 1, T) without a band, (B | 1, 1, T, T) with one, None when nothing is masked. With a band,
+    every query may attend to itself, so no row is empty (a padded query far from valid keys stays finite)."""
+    if window <= 0 or n_tokens <= window + 1:
+        return None if mask is None else mask[:, None, None, :]
+    i = torch.arange(n_tokens, device=device if mask is None else mask.device)
+    band = (i[:, None] - i[None, :]).abs() <= window                   # (T, T)
+    if mask is None: return band[None, None]
+    return (mask[:, None, None, :] & band) | torch.eye(n_tokens, dtype=torch.bool, device=i.device)
+
 class TransformerBlock(nn.Module):
     "Pre-norm block: x + MHSA(LN(x)) with rotary q/k and SDPA; x + FFN(LN(x))."
     def __init__(self, width: int, heads: int, ffn_mult: int = 4, dropout: float = 0.0):
@@ -77,16 +94,43 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        "x (B, T, D); mask (B, T) bool, True = valid (padded keys are not attended)."
+                mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); mask (B, T) bool, True = valid (padded keys are not attended); `attn_mask` (from
+        `attention_mask`, e.g. banded) replaces the mask built from `mask` when given."""
         q, k, v = rearrange(self.qkv(self.norm1(x)), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T) broadcast over heads/queries
+        if attn_mask is None: attn_mask = attention_mask(mask, x.shape[1])
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.drop(self.out(rearrange(a, "b h t d -> b t (h d)")))
         return x + self.drop(self.ffn(self.norm2(x)))
+
+# %% ../../nbs/20_encoder.ipynb #567037d5
+DB_TO_NATS = math.log(10.0) / 10.0
+"A power ratio in dB times this is its natural log."
+
+LEGACY_LOG_EPS = math.log(1e-5)
+"The first release's log-mel floor, applied by the `level: none` front end."
+
+def local_level(mel: torch.Tensor, window: int, gate: float = -math.inf, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """mel (B, n_mels, F) natural-log mel power -> (B, F) log of the mean mel power over all bins and a centred
+    window of `window` frames (odd), at least `gate` (nats). Frames outside the input or with `mask` False (B, F)
+    are left out of the mean. Each window is averaged on its own (`avg_pool1d`), so the result for a frame depends
+    only on the frames in its window, wherever the input starts."""
+    if window < 1 or window % 2 == 0: raise ValueError(f"local_level: window must be an odd number of frames, got {window}")
+    p = mel.exp().mean(1, keepdim=True)                                       # (B, 1, F) mean power over bins
+    if mask is None:
+        s = F.avg_pool1d(p, window, 1, window // 2, count_include_pad=False)
+    else:
+        m = mask[:, None, :].to(p.dtype)
+        s = F.avg_pool1d(p * m, window, 1, window // 2) / F.avg_pool1d(m, window, 1, window // 2).clamp_min(1e-12)
+    return s[:, 0].clamp_min(1e-30).log().clamp_min(gate)
+
+def level_relative(mel: torch.Tensor, window: int, floor: float, gate: float = -math.inf,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    "(B, n_mels, F) natural-log mel -> `max(mel - local_level, -floor)` (nats): the level-invariant features."
+    return (mel - local_level(mel, window, gate, mask)[:, None, :]).clamp_min(-floor)
 
 # %% ../../nbs/20_encoder.ipynb #af4ba740
 @dataclass
@@ -98,13 +142,18 @@ class EncoderOutput:
 
 class MusicEncoder(nn.Module):
     """Log-mel (B, n_mels, F) at the frame rate -> (B, ceil(F/4), D) at the token rate. `cfg`: the architecture
-    (`ssl.encoder`); `audio`: the input facts (`n_mels`, `frame_rate`, `downsample`). See the notebook for the parts."""
+    (`ssl.encoder`, front end included); `audio`: the input facts (`n_mels`, `frame_rate`, `downsample`). See the
+    notebook for the parts."""
     def __init__(self, cfg: EncoderConfig, audio: AudioConfig):
         super().__init__()
         cfg.validate("encoder")
         if audio.downsample != 4:
             raise ValueError(f"MusicEncoder: the subsampler is two stride-2 convolutions (4x); audio gives "
                              f"{audio.frame_rate} frames/s for {audio.token_rate} tokens/s ({audio.downsample}x)")
+        if cfg.level == "local" and (cfg.level_gate_db - cfg.level_floor_db) * DB_TO_NATS < math.log(LOG_MEL_EPS):
+            raise ValueError(f"MusicEncoder: level_gate_db - level_floor_db = {cfg.level_gate_db - cfg.level_floor_db:g} dB "
+                             f"is below log_mel's floor ({10 * math.log10(LOG_MEL_EPS):g} dB): the front end would not be "
+                             "gain-invariant near the gate; raise level_gate_db or lower level_floor_db")
         self.cfg, self.audio = cfg, audio
         self.register_buffer("mel_mean", torch.zeros(audio.n_mels))
         self.register_buffer("mel_std", torch.ones(audio.n_mels))
@@ -118,16 +167,48 @@ class MusicEncoder(nn.Module):
     @property
     def blocks(self) -> list[nn.Module]: return [*self.lower_blocks, *self.upper_blocks]
 
+    # -- front end -----------------------------------------------------------------------------------
+    @property
+    def level_window(self) -> int:
+        "Frames of the centred local-level window (odd; 1 for `level: none`)."
+        return 2 * int(round(self.cfg.level_window_s * self.audio.frame_rate / 2)) + 1 if self.cfg.level == "local" else 1
+
+    @property
+    def receptive_field_tokens(self) -> int | None:
+        "Tokens of context on each side that the lower half's output depends on; None = unbounded (full attention)."
+        w = self.cfg.lower_attention_window
+        if w <= 0: return None
+        return self.cfg.lower_layers * w + -(-(SUBSAMPLER_REACH + self.level_window // 2) // self.audio.downsample)
+
+    def front_end(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_mels, F) raw natural-log mel -> the features the encoder standardises (nats): level-relative with a
+        relative floor (`level: local`), or the raw log-mel clamped at 1e-5 (`level: none`). Also the mel heads' target."""
+        c = self.cfg
+        if c.level == "none": return mel.clamp_min(LEGACY_LOG_EPS)
+        return level_relative(mel, self.level_window, c.level_floor_db * DB_TO_NATS, c.level_gate_db * DB_TO_NATS, mask)
+
     def set_normalization(self, mean, std) -> None:
-        "Per-bin log-mel statistics (train split), e.g. the preprocess manifest's `mel_mean`/`mel_std`."
+        "Per-bin statistics of `front_end`'s output (train split), e.g. from `fit_normalization`."
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         if mean.shape != (self.audio.n_mels,) or std.shape != (self.audio.n_mels,):
             raise ValueError(f"mel stats must have shape ({self.audio.n_mels},), got {tuple(mean.shape)}, {tuple(std.shape)}")
         self.mel_mean.copy_(mean); self.mel_std.copy_(std.clamp_min(1e-3))
 
-    def normalize(self, mel: torch.Tensor) -> torch.Tensor:
-        "(B, n_mels, F) raw log-mel -> per-bin standardised log-mel."
-        return (mel - self.mel_mean[:, None]) / self.mel_std[:, None]
+    @torch.no_grad()
+    def fit_normalization(self, mels) -> None:
+        "Set the per-bin statistics from raw log-mels: a (N, n_mels, F) tensor or an iterable of (n_mels, F) / (B, n_mels, F)."
+        s = torch.zeros(self.audio.n_mels, dtype=torch.float64); s2 = torch.zeros_like(s); n = 0
+        for m in ([mels] if torch.is_tensor(mels) and mels.ndim == 3 else mels):
+            m = torch.as_tensor(m, dtype=torch.float32)
+            x = self.front_end(m if m.ndim == 3 else m[None]).double()        # (B, n_mels, F)
+            s += x.sum((0, 2)); s2 += x.pow(2).sum((0, 2)); n += x.shape[0] * x.shape[2]
+        if n == 0: raise ValueError("fit_normalization: no mel frames given")
+        mean = s / n
+        self.set_normalization(mean, (s2 / n - mean ** 2).clamp_min(0).sqrt())
+
+    def normalize(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        "(B, n_mels, F) raw log-mel -> per-bin standardised front-end features (`mask` (B, F): frames left out of the level)."
+        return (self.front_end(mel, mask) - self.mel_mean[:, None]) / self.mel_std[:, None]
 
     def _check(self, mel, mask):
         if mel.ndim != 3 or mel.shape[1] != self.audio.n_mels:
@@ -142,24 +223,25 @@ class MusicEncoder(nn.Module):
         if mask is None: return None
         return lengths_to_mask(tokens_for_frames(mask.sum(-1), self.audio.downsample), n_tokens)
 
-    def _run(self, blocks, h, tmask, hidden):
+    def _run(self, blocks, h, tmask, hidden, window: int = 0):
         rope = self.rope.cos_sin(h.shape[1], h.device, h.dtype)
+        am = attention_mask(tmask, h.shape[1], window, h.device)
         for blk in blocks:
-            h = blk(h, rope, tmask)
+            h = blk(h, rope, attn_mask=am)
             if hidden is not None: hidden.append(h)
         return h
 
     def lower(self, mel: torch.Tensor, mask: torch.Tensor | None = None, normalized: bool = False,
               hidden: list | None = None) -> torch.Tensor:
-        "Subsampler + lower blocks. mel (B, n_mels, F) -> (B, T, D) residual stream at 25 Hz."
+        "Front end + subsampler + lower blocks (banded). mel (B, n_mels, F) raw log-mel -> (B, T, D) residual stream at 25 Hz."
         self._check(mel, mask)
-        x = mel if normalized else self.normalize(mel)
+        x = mel if normalized else self.normalize(mel, mask)
         if mask is not None: x = x * mask[:, None, :].to(x.dtype)
         h = self.subsampler(x)                                           # (B, T, D)
-        return self._run(self.lower_blocks, h, self.token_mask(mask, h.shape[1]), hidden)
+        return self._run(self.lower_blocks, h, self.token_mask(mask, h.shape[1]), hidden, self.cfg.lower_attention_window)
 
     def upper(self, h: torch.Tensor, tmask: torch.Tensor | None = None, hidden: list | None = None) -> torch.Tensor:
-        "Upper blocks + final norm. h (B, T, D), tmask (B, T) bool at 25 Hz -> (B, T, D)."
+        "Upper blocks (global attention) + final norm. h (B, T, D), tmask (B, T) bool at 25 Hz -> (B, T, D)."
         if h.ndim != 3 or h.shape[-1] != self.cfg.width:
             raise ValueError(f"MusicEncoder.upper: h must be (B, T, {self.cfg.width}), got {tuple(h.shape)}")
         return self.norm_out(self._run(self.upper_blocks, h, tmask, hidden))
@@ -173,24 +255,39 @@ class MusicEncoder(nn.Module):
         return EncoderOutput(self.upper(h, tmask, hidden), tmask, hidden)
 
     @torch.no_grad()
-    def encode_chunked(self, mel: torch.Tensor, chunk_s: float = 30.0, context_s: float = 5.0,
+    def encode_chunked(self, mel: torch.Tensor, chunk_s: float = 30.0, context_s: float | None = None,
                        layer: int | None = None) -> torch.Tensor:
         """Encode a long (B, n_mels, F) log-mel in windows of `chunk_s` seconds plus `context_s` seconds of
-        context on each side; memory is bounded by the window length, not F. Returns (B, ceil(F/4), D):
-        the final output, or block `layer`'s output if given. Equal to `forward` when F fits one window."""
+        context on each side (None: the lower half's receptive field, or 5 s when it is unbounded); memory is
+        bounded by the window length, not F. Returns (B, ceil(F/4), D): the final output, or block `layer`'s output
+        if given. Equal to `forward` when F fits one window; for `layer < lower_layers` with a bounded receptive
+        field and the default context, equal to the whole-input features (see `encode_windows`)."""
         self._check(mel, None)
         ds, fr = self.audio.downsample, self.audio.frame_rate
-        chunk = max(ds, int(round(chunk_s * fr)) // ds * ds)
-        ctx = int(round(context_s * fr)) // ds * ds
-        n_frames = mel.shape[-1]
-        outs = []
-        for s in range(0, n_frames, chunk):
-            a, b = max(0, s - ctx), min(n_frames, s + chunk + ctx)
-            o = self(mel[..., a:b], return_hidden=layer is not None)
-            feats = o.last if layer is None else o.hidden_states[layer]
-            t0 = (s - a) // ds
-            outs.append(feats[:, t0:t0 + tokens_for_frames(min(chunk, n_frames - s), ds)])
-        return torch.cat(outs, dim=1)
+        rf = self.receptive_field_tokens
+        ctx_tok = (rf if rf is not None else int(round(5.0 * self.audio.token_rate))) if context_s is None \
+            else int(round(context_s * fr)) // ds
+        chunk_tok = max(1, int(round(chunk_s * fr)) // ds)
+        def run(x):
+            o = self(x, return_hidden=layer is not None)
+            return o.last if layer is None else o.hidden_states[layer]
+        return torch.cat([f for _, f in encode_windows(run, mel, chunk_tok, ctx_tok, ds)], dim=1)
+
+def window_plan(n_tokens: int, chunk: int, context: int) -> list[tuple[int, int, int]]:
+    """Windows over `n_tokens` tokens: (start of the kept tokens, window start, window end), windows of `chunk` kept
+    tokens with up to `context` tokens on each side (clipped at the ends). `chunk <= 0` = one window."""
+    if chunk <= 0 or chunk >= n_tokens: return [(0, 0, n_tokens)]
+    return [(s, max(0, s - context), min(n_tokens, s + chunk + context)) for s in range(0, n_tokens, chunk)]
+
+def encode_windows(fn, mel: torch.Tensor, chunk: int, context: int, downsample: int = 4):
+    """Yield (start token, features (B, kept tokens, ...)) of `fn` (mel (B, n_mels, f) -> (B, ceil(f / downsample), ...))
+    over the windows of `window_plan`, the context tokens cut off. With `context` >= the receptive field of `fn`
+    (`MusicEncoder.receptive_field_tokens` for `lower`), the concatenation equals `fn(mel)` up to float rounding."""
+    n_tok = tokens_for_frames(mel.shape[-1], downsample)
+    for s, a, b in window_plan(n_tok, chunk, context):
+        out = fn(mel[..., a * downsample:b * downsample])
+        n = min(chunk, n_tok - s) if chunk > 0 else n_tok
+        yield s, out[:, s - a:s - a + n]
 
 # %% ../../nbs/20_encoder.ipynb #233726c4
 def encoder_from_config(cfg: dict, where: str = "checkpoint") -> MusicEncoder:

@@ -65,13 +65,13 @@ class FinetuneModel(nn.Module):
         return self.encoder.upper(h, tmask)
 
     def run_heads(self, u: torch.Tensor, names=HEADS, n_frames: int | None = None) -> dict[str, torch.Tensor]:
-        """Head outputs from the upper output u (B, T, D): `ctc` log-probs (B, T, V); `mel` raw log-mel
-        (B, n_mels, F); `chroma` (B, 12, F); `mss` masks (B, S, n_fft/2+1, F). F = n_frames or 4T."""
+        """Head outputs from the upper output u (B, T, D): `ctc` log-probs (B, T, V); `mel` the encoder's front-end
+        features (`MusicEncoder.front_end`: level-relative log-mel) (B, n_mels, F); `chroma` (B, 12, F); `mss` masks (B, S, n_fft/2+1, F). F = n_frames or 4T."""
         out = {}
         n = n_frames or 4 * u.shape[1]
         for k in names:
             y = self.heads[k](u)
-            if k == "mel":                          # standardised -> natural-log mel
+            if k == "mel":                          # standardised -> the encoder's front-end features (nats)
                 y = y * self.encoder.mel_std[:, None] + self.encoder.mel_mean[:, None]
             if k != "ctc": y = match_frames(y, n)
             out[k] = y
@@ -136,7 +136,7 @@ def finetune_losses(model: FinetuneModel, batch: dict, heads=HEADS) -> dict[str,
         losses["asr/ctc"] = ctc_loss(h["ctc"], batch["lyric_ids"], batch["lyric_len"])
         if "lyric_frames" in batch:                          # (B, T) aligned character per 25 Hz frame
             losses["asr/frame"] = frame_ce(h["ctc"], batch["lyric_frames"])
-    if "mel" in h: losses["mel/l1"] = (h["mel"] - mel).abs().mean()
+    if "mel" in h: losses["mel/l1"] = (h["mel"] - model.encoder.front_end(mel, batch.get("mel_mask"))).abs().mean()
     if "chroma" in h: losses["chroma/l1"] = (h["chroma"] - batch["chroma_mix"]).abs().mean()
     if "mss" in h: losses["mss/l1"] = mss_loss(h["mss"], batch["wav24_mix"], batch["wav24_stems"], a.n_fft, a.hop_length)
     if model.noise.last_mask is not None:
@@ -175,7 +175,7 @@ def finetune_validate(model: FinetuneModel, loader, vocab: list[str], chroma_mea
             for k, v in finetune_losses(model, b, heads).items(): acc[k].append(float(v))
             h = model(b["mel_mix"], heads=heads).heads
             if "mel" in h:
-                acc["mel/l1_mean"].append(float((model.encoder.mel_mean[None, :, None] - b["mel_mix"]).abs().mean()))
+                acc["mel/l1_mean"].append(float((model.encoder.mel_mean[None, :, None] - model.encoder.front_end(b["mel_mix"])).abs().mean()))
             if "chroma" in h:
                 acc["chroma/l1_mean"].append(float((chroma_mean[None, :, None] - b["chroma_mix"]).abs().mean()))
             if "ctc" in h:
@@ -235,7 +235,7 @@ def kmeans_report(model: FinetuneModel, train_loader, val_loader, k: int, max_ba
             acc["kmeans/rel_mse"].append(float((z - zq).pow(2).sum() / (z - z.mean((0, 1))).pow(2).sum()))
             for tag, zz in (("", z), ("_q", zq)):
                 h = model.run_heads(model.upper(model.bottleneck.proj_out(zz)), ("mel", "chroma"), mel.shape[-1])
-                acc[f"kmeans/mel_l1{tag}"].append(float((h["mel"] - mel).abs().mean()))
+                acc[f"kmeans/mel_l1{tag}"].append(float((h["mel"] - model.encoder.front_end(mel)).abs().mean()))
                 acc[f"kmeans/chroma_l1{tag}"].append(float((h["chroma"] - b["chroma_mix"]).abs().mean()))
     finally:
         model.train(was)

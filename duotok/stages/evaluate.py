@@ -17,6 +17,7 @@ import numpy as np
 from .. import evaluation as E
 from .. import lm as L
 from .. import metrics as M
+from .. import stability as S
 from ..config import Params
 from ..core import atomic_write_json, atomic_write_text, is_main
 from ..data import load_manifest, make_loader
@@ -29,8 +30,10 @@ __all__ = ['run']
 
 # %% ../../nbs/63_stage_evaluate.ipynb #3f0df9dd
 def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", prep_root: str | Path = "outputs/preprocess",
-        out_dir: str | Path | None = None, eval_dir: str | Path = "eval", tokenizer=None, test_items=None) -> dict:
-    """The evaluate stage. `tokenizer` / `test_items` replace the package / preprocess split (tests)."""
+        out_dir: str | Path | None = None, eval_dir: str | Path = "eval", tokenizer=None, test_items=None,
+        render_root: str | Path = "outputs/render") -> dict:
+    """The evaluate stage. `tokenizer` / `test_items` replace the package / preprocess split (tests). Whole songs for the
+    stability part and the score F0 come from the render stage's folders (`render_root`)."""
     ecfg, lt, sr = params.evaluate, params.evaluate.lm_train, params.audio.sample_rate
     out = Path(out_dir) if out_dir is not None else stage_dir("evaluate")
     eval_dir = Path(eval_dir)
@@ -60,7 +63,9 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
             tok.decoder.steps = int(ecfg.sampling_steps)
         t1 = time.time()
         items = test_items if test_items is not None else E.load_test_audio(prep_root, test_split, ecfg.max_test_segments)
-        vocab = load_manifest(prep_root).get("vocab") if (Path(prep_root) / "manifest.json").exists() else None
+        manifest = load_manifest(prep_root) if (Path(prep_root) / "manifest.json").exists() else {}
+        vocab = manifest.get("vocab")
+        items = E.attach_score_f0(items, render_root, sr)                 # score F0 of rendered songs (pitch vs score)
         rec_m, rows, rec_toks = E.reconstruction_part(tok, items, sr, ecfg.pitch_segments, out, params.report.n_examples,
                                                       asr=M.load_asr() if ecfg.asr_segments > 0 else None,
                                                       asr_segments=ecfg.asr_segments, vocab=vocab,
@@ -71,20 +76,39 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
             m["recon/token_agreement/vocals"] = float((rec_toks["vocals"] == test.vocals[:n]).mean())
             m["recon/token_agreement/acc"] = float((rec_toks["acc"] == test.accompaniment[:n]).mean())
         m["recon_s"] = round(time.time() - t1, 1)
+        t1, more_notes, srows = time.time(), [], []                         # stability, pitch chain, shift split
+        if hasattr(tok, "encoder") and hasattr(tok.encoder, "quantizer"):   # a DuoTok (not a test double)
+            if ecfg.pitch_segments > 0:
+                m.update(S.vae_pitch(tok.decoder.vae, items, sr, ecfg.pitch_segments))
+            if ecfg.stability_s > 0:
+                sm, srows, sn = E.stability_splits(tok, prep_root, render_root, ecfg.stability_s, sr, lt.seed)
+                m.update(sm); more_notes += sn
+            if ecfg.pitch_probe:
+                m.update(E.pitch_probe_part(tok.encoder, prep_root, render_root, lt.seed))
+        elif ecfg.stability_s > 0 or ecfg.pitch_probe:
+            more_notes.append("token stability and the pitch probe need a packaged DuoTok tokenizer; not measured")
+        if manifest.get("splits", {}).get("shift", {}).get("n_segments", 0):
+            sh, _, _ = E.reconstruction_part(tok, E.load_test_audio(prep_root, "shift", ecfg.max_test_segments), sr)
+            m.update({k.replace("recon/", "recon_shift/", 1): v for k, v in sh.items()})
+        m["stability_s"] = round(time.time() - t1, 1)
         m.update(E.generate_example(models["v2a"], test, prompt, ecfg.temperature, ecfg.top_k, lt.seed, tok, out))
-        notes = E.evaluation_notes(m, ecfg, M.available_metrics(), test_split, vocab)
+        notes = E.evaluation_notes(m, ecfg, M.available_metrics(), test_split, vocab) + more_notes
         m = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in m.items()}
         m["evaluate_s"] = round(time.time() - t0, 1)
         clean = {k: v for k, v in m.items() if isinstance(v, float) and math.isfinite(v)}
         atomic_write_json(eval_dir / "metrics.json", clean)
-        atomic_write_text(eval_dir / "results.md", E.results_markdown(m, V, train.token_rate, notes))
+        atomic_write_text(eval_dir / "results.md", E.results_markdown(m, V, train.token_rate, notes) + "\n" + E.stability_markdown(m))
         if rows:
             import csv, io
             keys = sorted({k for r in rows for k in r} - {"segment", "track"})
             buf = io.StringIO(); w = csv.DictWriter(buf, ["segment", "track", *keys]); w.writeheader(); w.writerows(rows)
             atomic_write_text(out / "per_segment.csv", buf.getvalue())
+        if srows:                                                           # per song, perturbation and track
+            import csv, io
+            buf = io.StringIO(); w = csv.DictWriter(buf, list(srows[0])); w.writeheader(); w.writerows(srows)
+            atomic_write_text(out / "stability.csv", buf.getvalue())
         atomic_write_json(out / "notes.json", {"notes": notes, "published": E.published_points()})
-        for p in E.make_plots(m, usage, rows, eval_dir / "plots"):
+        for p in [*E.make_plots(m, usage, rows, eval_dir / "plots"), *filter(None, [E.stability_plot(m, eval_dir / "plots")])]:
             tracker.log_artifact(p, "plots")
         tracker.log_metrics(clean, step=0)
         tracker.log_artifact(eval_dir / "results.md")

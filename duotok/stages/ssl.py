@@ -26,7 +26,7 @@ def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path =
     s, t = params.ssl, params.ssl.train
     from_disk = data is None
     data = data or load_splits(["mel_mix"], data_root)
-    model = build_bestrq(s, params.audio, data.get("manifest"))
+    model = build_bestrq(s, params.audio, data.get("manifest"), data["train"])   # input statistics: train front end
     n_params = count_parameters(model.encoder)
     tracker.log_params({"ssl/encoder_params": n_params})
     train = make_loader(data["train"], t.batch_size, True, t.seed, t.num_workers, data.get("collate"), "ssl train split")
