@@ -123,7 +123,8 @@ def test_stage_resumes_after_kill(tmp_path):
     out = tmp_path / "ssl"
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):                       # dies mid-run, after the step-2 checkpoint
-        run(p, NullTracker(), {"train": Toy(16, 0, die_after=11), "val": Toy(4, 1), "manifest": {}}, out_dir=out)
+        # (the 16 train items are read once first for the encoder's input statistics, then 11 during training)
+        run(p, NullTracker(), {"train": Toy(16, 0, die_after=16 + 11), "val": Toy(4, 1), "manifest": {}}, out_dir=out)
     assert not (out / "model.safetensors").exists()
     m = run(p, NullTracker(), {"train": Toy(16, 0), "val": Toy(4, 1), "manifest": {}}, out_dir=out)
     assert m["resumed_from"] in (2, 4) and m["steps"] == 6
