@@ -276,6 +276,8 @@ class VAEConfig:
     layers: int                 # stft: ConvNeXt blocks in the encoder and in the decoder
     n_fft: int                  # stft: analysis/synthesis window (samples at 48 kHz)
     frame_hop: int              # stft: STFT hop (samples); must divide audio.vae_hop
+    phase: str                  # stft: "free" or "if" (running sum of a predicted instantaneous frequency); harmonic: "noise" too
+    harmonics: int              # harmonic: partials k * F0, k = 1..harmonics
     encoder_hidden_size: int
     decoder_channels: int
     downsampling_ratios: tuple[int, ...]

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,8 +18,9 @@ import torchaudio.functional as AF
 from einops import rearrange
 
 # %% auto #0
-__all__ = ['VAEOutput', 'DuoVAE', 'multi_resolution_stft_loss', 'WaveDiscriminator', 'VAEWithDisc', 'vae_loss', 'ConvNeXtBlock',
-           'STFTVAE', 'PretrainedOobleck', 'build_vae', 'load_vae', 'synthetic_stems']
+__all__ = ['VAEOutput', 'DuoVAE', 'multi_resolution_stft_loss', 'WaveDiscriminator', 'VAEWithDisc', 'mel_loss', 'spectral_losses',
+           'vae_loss', 'loss_terms', 'round_trip_metrics', 'ConvNeXtBlock', 'phase_advance', 'STFTVAE', 'f0_features',
+           'HarmonicVAE', 'PretrainedOobleck', 'build_vae', 'load_vae', 'synthetic_stems']
 
 # %% ../nbs/50_vae.ipynb #5889622b
 @dataclass
@@ -26,16 +28,20 @@ class VAEOutput:
     """Result of `DuoVAE.forward`.
 
     recon: (B, L) reconstructed waveform at 48 kHz; mean, logvar: (B, C, T) posterior parameters at
-    50 Hz; latents: (B, C, T) the sample that was decoded."""
+    50 Hz; latents: (B, C, T) the sample that was decoded; spec: (B, F, frames) complex STFT the decoder
+    inverted (STFT-domain VAEs only, else None)."""
     recon: torch.Tensor
     mean: torch.Tensor
     logvar: torch.Tensor
     latents: torch.Tensor
+    spec: torch.Tensor | None = None
+    fixed: int = 0  # leading latent channels that are measured, not learned (no KL)
 
     @property
     def kl(self) -> torch.Tensor:
-        """KL(q(z|x) || N(0, I)), summed over channels, mean over batch and frames."""
-        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)  # (B, C, T)
+        """KL(q(z|x) || N(0, I)) of the learned channels, summed over channels, mean over batch and frames."""
+        m, lv = self.mean[:, self.fixed:], self.logvar[:, self.fixed:]
+        kl = 0.5 * (m.pow(2) + lv.exp() - 1.0 - lv)  # (B, C, T)
         return kl.sum(1).mean()
 
 
@@ -68,13 +74,19 @@ class _WaveVAE(nn.Module):
         """wav (B, L) at 48 kHz -> posterior mean latents (B, C, ceil(L / hop)) at 50 Hz."""
         return self.posterior(wav)[0]
 
+    def decode_with_spec(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        "z (B, C, T) -> (waveform (B, T * hop), the complex spectrum it came from or None)."
+        return self.decode(z), None
+
     def forward(self, wav: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
         mean, logvar = self.posterior(wav)
         z = mean
         if sample:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + (0.5 * logvar).exp() * eps
-        return VAEOutput(recon=self.decode(z)[:, : wav.shape[-1]], mean=mean, logvar=logvar, latents=z)
+        recon, spec = self.decode_with_spec(z)
+        return VAEOutput(recon=recon[:, : wav.shape[-1]], mean=mean, logvar=logvar, latents=z, spec=spec,
+                         fixed=getattr(self, "fixed", 0))
 
 # %% ../nbs/50_vae.ipynb #cfce080b
 class DuoVAE(_WaveVAE):
@@ -183,13 +195,43 @@ class VAEWithDisc(nn.Module):
         return self.vae(wav)
 
 
+def mel_loss(ref: torch.Tensor, est: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """The multi-scale log-mel L1 the VAE trains with: the evaluation protocol's distance
+    (`duotok.metrics.multiscale_mel_l1`), (B, L) waveforms -> scalar. The one place that picks it."""
+    from duotok.metrics import multiscale_mel_l1
+    return multiscale_mel_l1(ref, est, sample_rate)
+
+
+def spectral_losses(vae: nn.Module, wav: torch.Tensor, spec: torch.Tensor, floor: float = 1e-5) -> dict[str, torch.Tensor]:
+    """Losses on the complex STFT `spec` (B, F, N) a STFT-domain VAE inverted, against the STFT of `wav` (B, L)
+    on the same frames (`vae.analysis`):
+
+    - `stft/mag`: L1 of log(|S| + floor), every bin and frame (|S| of a full-scale sinusoid: n_fft / 4);
+    - `stft/if`: instantaneous frequency, 1 - cos of the difference of the phase advance per frame, weighted by
+      the target's magnitude (sqrt(|S_t| |S_t-1|), normalised per item): insensitive to the absolute phase a
+      50 Hz latent cannot carry, exact about the frequency of every partial;
+    - `stft/gd`: the same along frequency (group delay: the relative phase of neighbouring bins)."""
+    target = vae.analysis(wav)
+    out = {"stft/mag": (torch.log(spec.abs() + floor) - torch.log(target.abs() + floor)).abs().mean()}
+    for dim, key in ((-1, "stft/if"), (-2, "stft/gd")):
+        pt, pp = phase_advance(target, dim), phase_advance(spec, dim)
+        w = pt.abs().sqrt()
+        w = w / w.sum((-2, -1), keepdim=True).clamp_min(1e-8)
+        cos = (pp * pt.conj()).real / (pp.abs() * pt.abs()).clamp_min(1e-12)
+        out[key] = (w * (1 - cos)).sum((-2, -1)).mean()
+    return out
+
+
 def vae_loss(model: nn.Module, wav: torch.Tensor, adversarial: bool = False,
-             generator: torch.Generator | None = None, mel: bool = True, stft: bool = True) -> dict[str, torch.Tensor]:
+             generator: torch.Generator | None = None, mel: bool = True, stft: bool = True,
+             spectral: bool = False, mag_floor: float = 1e-5) -> dict[str, torch.Tensor]:
     """Namespaced VAE losses for a batch of waveforms wav (B, L) at 48 kHz.
 
-    model: a `DuoVAE` or a `VAEWithDisc` (required when `adversarial`). Returns `wave/l1`, `kl`,
-    `mel/l1` (if `mel`: the protocol's multi-scale log-mel L1, `duotok.metrics.multiscale_mel_l1`, as
-    DAC trains with), `stft/mr` (if `stft`) and, if adversarial, `adv/gen`, `adv/feat`, `adv/disc`."""
+    model: a VAE or a `VAEWithDisc` (required when `adversarial`). Returns `wave/l1`, `kl`,
+    `mel/l1` (if `mel`: `mel_loss`, the protocol's multi-scale log-mel L1, as DAC trains with), `stft/mr`
+    (if `stft`), `stft/mag`, `stft/if`, `stft/gd` (if `spectral`: `spectral_losses` with `mag_floor`, STFT-domain
+    VAEs only)
+    and, if adversarial, `adv/gen`, `adv/feat`, `adv/disc`."""
     vae = model.vae if isinstance(model, VAEWithDisc) else model
     if adversarial and getattr(model, "disc", None) is None:
         raise ValueError("vae_loss(adversarial=True) needs a VAEWithDisc model with a discriminator")
@@ -198,8 +240,11 @@ def vae_loss(model: nn.Module, wav: torch.Tensor, adversarial: bool = False,
     if stft:
         losses["stft/mr"] = multi_resolution_stft_loss(out.recon, wav)
     if mel:
-        from duotok.metrics import multiscale_mel_l1
-        losses["mel/l1"] = multiscale_mel_l1(wav, out.recon, vae.sample_rate)
+        losses["mel/l1"] = mel_loss(wav, out.recon, vae.sample_rate)
+    if spectral:
+        if out.spec is None:
+            raise ValueError(f"vae_loss(spectral=True): {type(vae).__name__} does not decode through an STFT")
+        losses.update(spectral_losses(vae, wav, out.spec, mag_floor))
     if adversarial:
         disc = model.disc
         real = disc(wav)
@@ -213,6 +258,33 @@ def vae_loss(model: nn.Module, wav: torch.Tensor, adversarial: bool = False,
         losses["adv/feat"] = sum((a - b.detach()).abs().mean() for fr, rr in zip(fake_g, real)
                                  for a, b in zip(fr[:-1], rr[:-1])) / len(fake_g)
     return losses
+
+# %% ../nbs/50_vae.ipynb #a15774d4
+def loss_terms(lambdas: dict[str, float]) -> dict[str, bool]:
+    """The `vae_loss` switches a `vae.lambdas` block asks for: {"adversarial", "mel", "stft", "spectral"}, each
+    true when one of its terms has a positive weight (terms with weight 0 are not computed)."""
+    on = {k for k, v in lambdas.items() if v > 0}
+    return {"adversarial": any(k.startswith("adv/") for k in on), "mel": "mel/l1" in on, "stft": "stft/mr" in on,
+            "spectral": bool(on & {"stft/mag", "stft/if", "stft/gd"})}
+
+
+@torch.no_grad()
+def round_trip_metrics(vae: nn.Module, wavs, sample_rate: int = 48000, pitch: bool = True,
+                       ref_f0=None) -> dict[str, float]:
+    """Mean reconstruction quality of encode -> posterior mean -> decode over mono waveforms `wavs` (each (L,)):
+    `mel_l1`, `pesq`, `stoi`, `si_sdr` (`duotok.metrics.reconstruction_metrics`) and, if `pitch`, `rpa`: raw pitch
+    accuracy (50 cents) of the round trip against the original's torchcrepe F0 (or `ref_f0`, one track per wav)."""
+    from duotok.metrics import pitch_track, raw_pitch_accuracy, reconstruction_metrics, summarize
+    rows = []
+    for i, ref in enumerate(wavs):
+        ref = torch.as_tensor(ref, dtype=torch.float32)
+        est = vae.decode(vae.encode(ref[None]))[0, : ref.shape[-1]]
+        row = reconstruction_metrics(ref, est, sample_rate)
+        if pitch:
+            f0 = ref_f0[i] if ref_f0 is not None else pitch_track(ref, sample_rate)
+            row["rpa"] = raw_pitch_accuracy(f0, pitch_track(est, sample_rate))
+        rows.append(row)
+    return summarize(rows)
 
 # %% ../nbs/50_vae.ipynb #fab8e0da
 class ConvNeXtBlock(nn.Module):
@@ -232,20 +304,34 @@ class ConvNeXtBlock(nn.Module):
         return x + rearrange(h, "b t d -> b d t")
 
 
+def phase_advance(S: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """S (..., F, N) complex STFT -> S[i] * conj(S[i-1]) along `dim` (-1: frames, whose angle is the phase
+    advance per hop, i.e. the instantaneous frequency; -2: bins, the negative group delay), one shorter."""
+    n = S.shape[dim]
+    return S.narrow(dim, 1, n - 1) * S.narrow(dim, 0, n - 1).conj()
+
+
 class STFTVAE(_WaveVAE):
     """Mono 48 kHz VAE over STFT frames with a `hop`-sample latent hop (960 -> 50 Hz latents).
 
     Same interface as `DuoVAE`: inputs (B, L) float waveforms at `sample_rate`, `L` need not be a
     multiple of `hop` (zero-padded; `decode` returns `T * hop` samples). The STFT (`n_fft`,
-    `frame_hop`, Hann, centred) runs at `hop / frame_hop` frames per latent frame."""
+    `frame_hop`, Hann, centred) runs at `hop / frame_hop` frames per latent frame.
+    `phase`: "free" = the decoder outputs each bin's phase directly; "if" = it outputs each bin's
+    instantaneous frequency (the phase advance per frame, as a deviation from the bin's centre frequency)
+    and the phase is its running sum."""
 
     def __init__(self, latent_dim: int = 16, width: int = 128, layers: int = 3, n_fft: int = 1920,
-                 frame_hop: int = 480, hop: int = 960, sample_rate: int = 48000, init_scale_bias: float = -5.0):
+                 frame_hop: int = 480, hop: int = 960, sample_rate: int = 48000, init_scale_bias: float = -5.0,
+                 phase: str = "free"):
         super().__init__()
         if hop % frame_hop or n_fft < frame_hop:
             raise ValueError(f"vae.frame_hop ({frame_hop}) must divide audio.vae_hop ({hop}) and be <= vae.n_fft ({n_fft})")
+        if phase not in ("free", "if"):
+            raise ValueError(f"vae.phase={phase!r}: use 'free' or 'if'")
         self.latent_dim, self.sample_rate, self.hop = latent_dim, sample_rate, hop
         self.n_fft, self.frame_hop, self.up = n_fft, frame_hop, hop // frame_hop
+        self.phase = phase
         nb = n_fft // 2 + 1
         self.max_logmag = math.log(n_fft)  # |STFT| of a full-scale signal stays below n_fft / 2
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
@@ -262,25 +348,188 @@ class STFTVAE(_WaveVAE):
         with torch.no_grad():  # small initial posterior std, as in DuoVAE
             self.enc_out.bias[latent_dim:].fill_(init_scale_bias)
 
+    def analysis(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (B, L) -> complex STFT (B, n_fft/2 + 1, up * ceil(L / hop) + 1) of the hop-padded waveform
+        (zero-padded centred frames: any length >= 1 latent frame). The encoder's input and the target of
+        the spectral losses."""
+        return torch.stft(self._pad(wav), self.n_fft, self.frame_hop, window=self.window, return_complex=True,
+                          pad_mode="constant")
+
     def posterior(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wav (B, L) -> mean, logvar (B, C, ceil(L / hop))."""
-        S = torch.stft(self._pad(wav), self.n_fft, self.frame_hop, window=self.window, return_complex=True,
-                       pad_mode="constant")  # zero-padded centred frames: any length >= 1 latent frame
+        S = self.analysis(wav)
         h = self.enc_blocks(self.enc_in(torch.log(S.abs() + 1e-5)))  # (B, W, up*T + 1)
         h = rearrange(self.enc_norm(rearrange(self.enc_down(h), "b d t -> b t d")), "b t d -> b d t")  # (B, W, T)
         mean, scale = self.enc_out(h).chunk(2, dim=1)
         std = F.softplus(scale) + 1e-4
         return mean, 2 * torch.log(std)
 
+    def _centre_advance(self, frames: int, dtype, start: int = 0) -> torch.Tensor:
+        """(nb, frames) unit phasors exp(i 2 pi k t frame_hop / n_fft), t = start .. start + frames - 1: how far the
+        phase of bin k's centre frequency advances in t hops (integer arithmetic, exact mod 2 pi)."""
+        k = torch.arange(self.n_fft // 2 + 1, device=self.window.device)
+        t = torch.arange(start, start + frames, device=self.window.device)
+        ang = ((k[:, None] * t[None, :] * self.frame_hop) % self.n_fft).to(dtype) * (2 * math.pi / self.n_fft)
+        return torch.polar(torch.ones_like(ang), ang)
+
+    def _trunk(self, z: torch.Tensor) -> torch.Tensor:
+        "z (B, C, T) -> decoder features (B, up*T + 1, W), one row per centred STFT frame."
+        self._check_latents(z)
+        h = F.pad(self.dec_up(self.dec_in(z)), (0, 1), mode="replicate")  # (B, W, up*T + 1): centred frames
+        return self.dec_norm(rearrange(self.dec_blocks(h), "b d t -> b t d"))
+
+    def _complex(self, logmag: torch.Tensor, ph: torch.Tensor) -> torch.Tensor:
+        """Per-bin outputs (B, nb, frames) -> complex STFT. `ph` is the phase ("free") or, for "if", the
+        deviation of each bin's advance per frame from its centre frequency, squashed to (-pi, pi) (a partial
+        within +-2 bins of the centre); phase(t) = -pi k + centre advance(t) + running sum of deviations. The
+        -pi k start is a stationary partial's phase across its main lobe (frames referenced to their start)."""
+        mag = torch.exp(logmag.clamp(max=self.max_logmag))
+        if self.phase == "free":
+            return torch.polar(mag, ph)
+        dev = torch.cumsum(F.pad(math.pi * torch.tanh(ph[..., 1:]), (1, 0)), -1)  # (B, nb, frames)
+        k = torch.arange(mag.shape[1], device=mag.device, dtype=mag.dtype)
+        rot = self._centre_advance(mag.shape[-1], mag.dtype) * torch.polar(torch.ones_like(k), -math.pi * k)[:, None]
+        return torch.polar(mag, dev) * rot
+
+    def spectrum(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, C, T) -> complex STFT (B, n_fft/2 + 1, up*T + 1) that `decode` inverts."""
+        logmag, ph = rearrange(self.dec_out(self._trunk(z)), "b t (two f) -> two b f t", two=2)
+        return self._complex(logmag, ph)
+
+    def decode_with_spec(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.spectrum(z)
+        return torch.istft(spec, self.n_fft, self.frame_hop, window=self.window, length=z.shape[-1] * self.hop), spec
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, C, T) -> waveform (B, T * hop) at 48 kHz."""
-        self._check_latents(z)
+        return self.decode_with_spec(z)[0]
+
+# %% ../nbs/50_vae.ipynb #6b7b1134
+def f0_features(wav: torch.Tensor, sample_rate: int, hop: int, fmin: float = 50.0, fmax: float = 1000.0,
+                ref_hz: float = 220.0) -> torch.Tensor:
+    """Pitch of mono waveforms wav (B, L) at `sample_rate`, one value pair per `hop` samples (the latent grid):
+    (B, 2, ceil(L / hop)) = [log2(F0 / ref_hz), voicing in [0, 1]].
+
+    F0 is YIN (`librosa.yin`, 16 kHz, 64 ms frames) at the centre of each latent frame; voicing is the
+    normalised autocorrelation of that frame at the YIN period, mapped 0.3 -> 0, 0.8 -> 1 (0 for frames
+    below -60 dBFS RMS). Where voicing is 0 the log-F0 is interpolated between voiced neighbours (0 if none),
+    so the channel stays smooth for a model that has to predict it."""
+    import librosa
+    sr16 = 16000
+    T = math.ceil(wav.shape[-1] / hop)
+    x = AF.resample(_fit_length(wav, T * hop).detach().float().cpu(), sample_rate, sr16)  # (B, L16)
+    h16 = hop * sr16 // sample_rate
+    if h16 * sample_rate != hop * sr16 or h16 % 2:
+        raise ValueError(f"f0_features: hop {hop} at {sample_rate} Hz is not an even number of 16 kHz samples")
+    frame = 1024
+    out = torch.zeros(wav.shape[0], 2, T)
+    centres = torch.arange(T) * h16 + h16 // 2  # latent frame centres at 16 kHz
+    for b, a in enumerate(x):
+        f0 = librosa.yin(a.numpy().astype(np.float64), fmin=fmin, fmax=fmax, sr=sr16, frame_length=frame,
+                         hop_length=h16 // 2, center=True)[1::2][:T]  # frames at (2t+1) * h16/2 = centres
+        f0 = torch.as_tensor(np.pad(f0, (0, T - len(f0)), mode="edge"), dtype=torch.float32)
+        padded = F.pad(a, (frame // 2, frame // 2))
+        seg = padded.unfold(0, frame, 1)[centres]  # (T, frame) frames centred on the latent centres
+        lag = (sr16 / f0).round().long().clamp(1, frame // 2)
+        n = frame // 2
+        x0, x1 = seg[:, :n], seg.gather(1, torch.arange(n)[None] + lag[:, None])
+        r = (x0 * x1).sum(1) / ((x0.pow(2).sum(1) * x1.pow(2).sum(1)).sqrt() + 1e-8)
+        v = ((r - 0.3) / 0.5).clamp(0, 1) * (seg.pow(2).mean(1).sqrt() > 1e-3)
+        lf = torch.log2(f0 / ref_hz)
+        on = (v > 0).numpy()
+        if on.any():
+            lf = torch.as_tensor(np.interp(np.arange(T), np.flatnonzero(on), lf.numpy()[on]), dtype=torch.float32)
+        else:
+            lf = torch.zeros(T)
+        out[b, 0], out[b, 1] = lf, v
+    return out.to(wav.device)
+
+
+class HarmonicVAE(STFTVAE):
+    """`STFTVAE` whose first two latent channels are the pitch (`f0_features`: log2(F0 / 220 Hz), voicing),
+    measured, not learned, and whose decoder adds a harmonic oscillator bank (DDSP, Engel et al. 2020) to the
+    inverse STFT: `harmonics` partials at k * F0 with one running phase, amplitudes read from a predicted
+    spectral envelope at the partials' frequencies and gated by the voicing channel. The STFT branch
+    (`phase`: "noise" = random phase, i.e. filtered noise; "free"; "if") renders the rest. The other
+    `latent_dim - 2` channels are learned as in `STFTVAE`; the KL term skips the two pitch channels."""
+
+    fixed = 2
+
+    def __init__(self, latent_dim: int = 16, width: int = 128, layers: int = 3, n_fft: int = 1920,
+                 frame_hop: int = 480, hop: int = 960, sample_rate: int = 48000, init_scale_bias: float = -5.0,
+                 phase: str = "noise", harmonics: int = 64):
+        super().__init__(latent_dim=latent_dim, width=width, layers=layers, n_fft=n_fft, frame_hop=frame_hop,
+                         hop=hop, sample_rate=sample_rate, init_scale_bias=init_scale_bias,
+                         phase="free" if phase == "noise" else phase)
+        self.phase, self.harmonics = phase, harmonics
+        nb = n_fft // 2 + 1
+        self.enc_out = nn.Conv1d(width, 2 * (latent_dim - self.fixed), 1)
+        with torch.no_grad():
+            self.enc_out.bias[latent_dim - self.fixed:].fill_(init_scale_bias)
+        self.dec_harm = nn.Linear(width, nb)  # log spectral envelope of the harmonic part (|STFT| units)
+
+    def posterior(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = super().posterior(wav)
+        pitch = f0_features(wav, self.sample_rate, self.hop)
+        return torch.cat([pitch, mean], 1), torch.cat([torch.full_like(pitch, -18.0), logvar], 1)  # std 1e-4
+
+    def _lobe(self, delta: torch.Tensor) -> torch.Tensor:
+        """The analysis window's spectrum W(delta) / W(0) at `delta` bins from a partial (real: the Hann window is
+        symmetric about the frame centre); |delta| < 3 covers the main lobe and the first side lobes."""
+        n = torch.arange(self.n_fft, device=delta.device, dtype=torch.float64) - self.n_fft / 2
+        w = self.window.to(torch.float64)
+        grid = torch.linspace(-3, 3, 6 * 64 + 1, device=delta.device, dtype=torch.float64)
+        table = (w[None] * torch.cos(2 * math.pi * grid[:, None] * n[None] / self.n_fft)).sum(1) / w.sum()
+        x = ((delta.clamp(-3, 3) + 3) * 64).to(torch.float64)
+        i0 = x.floor().long().clamp(max=len(grid) - 2)
+        return (table[i0] + (x - i0) * (table[i0 + 1] - table[i0])).to(delta.dtype)
+
+    def harmonic_spectrum(self, f0: torch.Tensor, phase: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+        """STFT frames of a sum of partials k * f0, k = 1..harmonics: f0 (B, frames) Hz and phase (B, frames) rad of
+        the fundamental at each frame centre, mag (B, K, frames) peak |STFT| of each partial. Each partial is written
+        as a stationary sinusoid's spectrum over the 6 bins around it (frames referenced to their start, so bin j
+        carries (-1)^j); partials above Nyquist are dropped. Returns (B, nb, frames) complex."""
+        B, K, N = mag.shape
+        nb = self.n_fft // 2 + 1
+        k = torch.arange(1, K + 1, device=mag.device, dtype=mag.dtype)[None, :, None]
+        pos = f0[:, None] * k * (self.n_fft / self.sample_rate)  # (B, K, frames) in bins
+        j = pos.floor().long()[..., None] + torch.arange(-2, 4, device=mag.device)  # (B, K, frames, 6)
+        val = (mag * (pos < nb - 4))[..., None] * self._lobe(pos[..., None] - j)
+        val = val * (1 - 2 * (j % 2)).to(val)  # (-1)^j
+        ang = (k * phase[:, None])[..., None].expand_as(val)
+        ok = (j >= 0) & (j < nb)
+        idx = rearrange(j.clamp(0, nb - 1), "b k t o -> b t (k o)")
+        re = rearrange(val * torch.cos(ang) * ok, "b k t o -> b t (k o)")
+        im = rearrange(val * torch.sin(ang) * ok, "b k t o -> b t (k o)")
+        z = mag.new_zeros(B, N, nb)
+        spec = torch.complex(z.scatter_add(2, idx, re), z.scatter_add(2, idx, im))  # (B, frames, nb)
+        return rearrange(spec, "b t f -> b f t")
+
+    def decode_with_spec(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = z.shape[-1]
-        h = F.pad(self.dec_up(self.dec_in(z)), (0, 1), mode="replicate")  # (B, W, up*T + 1): centred frames
-        h = self.dec_out(self.dec_norm(rearrange(self.dec_blocks(h), "b d t -> b t d")))  # (B, frames, 2 nb)
-        logmag, phase = rearrange(h, "b t (two f) -> two b f t", two=2)
-        spec = torch.polar(torch.exp(logmag.clamp(max=self.max_logmag)), phase)
-        return torch.istft(spec, self.n_fft, self.frame_hop, window=self.window, length=T * self.hop)
+        h = self._trunk(z)  # (B, frames, W)
+        logmag, ph = rearrange(self.dec_out(h), "b t (two f) -> two b f t", two=2)  # STFT branch
+        if self.phase == "noise":  # filtered noise; a fixed generator keeps decoding deterministic
+            g = torch.Generator(device="cpu").manual_seed(0)
+            ph = (2 * math.pi * torch.rand(logmag.shape[1:], generator=g)).to(logmag).expand_as(logmag)
+            spec = torch.polar(torch.exp(logmag.clamp(max=self.max_logmag)), ph)
+        else:
+            spec = self._complex(logmag, ph)
+        # harmonic branch: pitch per sample from the latent frame centres (t * hop + hop / 2), one running phase
+        L = T * self.hop
+        zs = F.interpolate(z[:, :2], size=L + 1, mode="linear", align_corners=False)  # (B, 2, L + 1)
+        f0_s = 220.0 * torch.exp2(zs[:, 0].clamp(-3, 3))  # Hz
+        phi = torch.cumsum(f0_s.double() * (2 * math.pi / self.sample_rate), -1)
+        phi = torch.remainder(phi - phi[:, :1], 2 * math.pi).float()  # phase 0 at the first frame centre
+        f0_f, v_f, phi_f = f0_s[:, :: self.frame_hop], zs[:, 1, :: self.frame_hop].clamp(0, 1), phi[:, :: self.frame_hop]
+        env = rearrange(self.dec_harm(h), "b t f -> b f t").clamp(max=self.max_logmag)  # (B, nb, frames) log |STFT|
+        k = torch.arange(1, self.harmonics + 1, device=z.device, dtype=z.dtype)
+        pos = (f0_f[:, None] * k[None, :, None] * (self.n_fft / self.sample_rate)).clamp(max=env.shape[1] - 1)
+        lo = pos.floor().clamp(max=env.shape[1] - 2)
+        e_lo, e_hi = torch.gather(env, 1, lo.long()), torch.gather(env, 1, lo.long() + 1)
+        mag = torch.exp(e_lo + (pos - lo) * (e_hi - e_lo)) * v_f[:, None]  # envelope at the partials, voicing gate
+        spec = spec + self.harmonic_spectrum(f0_f, phi_f, mag)
+        return torch.istft(spec, self.n_fft, self.frame_hop, window=self.window, length=L), spec
 
 # %% ../nbs/50_vae.ipynb #bd7c1304
 class PretrainedOobleck(nn.Module):
@@ -331,19 +580,24 @@ class PretrainedOobleck(nn.Module):
         return _fit_length(y, n_wav)
 
 
-def build_vae(cfg: dict) -> DuoVAE | STFTVAE | PretrainedOobleck:
+def build_vae(cfg: dict) -> DuoVAE | STFTVAE | HarmonicVAE | PretrainedOobleck:
     """Build the VAE described by a checkpoint config dict: keys of `VAEConfig` (`pretrained`, `arch`,
-    `width`, `layers`, `n_fft`, `frame_hop`, `latent_dim`, `encoder_hidden_size`, `decoder_channels`, `downsampling_ratios`, `channel_multiples`)
+    `width`, `layers`, `n_fft`, `frame_hop`, `phase`, `harmonics`, `latent_dim`, `encoder_hidden_size`, `decoder_channels`, `downsampling_ratios`, `channel_multiples`)
     `sample_rate` and `hop`."""
     sr = int(cfg.get("sample_rate", 48000))
     if cfg.get("pretrained"):
         return PretrainedOobleck(cfg["pretrained"], sample_rate=sr)
     arch = cfg.get("arch", "oobleck")  # checkpoints written before `arch` existed are Oobleck VAEs
+    if arch == "harmonic":
+        return HarmonicVAE(latent_dim=cfg["latent_dim"], width=cfg["width"], layers=cfg["layers"], n_fft=cfg["n_fft"],
+                           frame_hop=cfg["frame_hop"], hop=int(cfg.get("hop", 960)), sample_rate=sr,
+                           phase=cfg.get("phase", "noise"), harmonics=int(cfg.get("harmonics", 64)))
     if arch == "stft":
         return STFTVAE(latent_dim=cfg["latent_dim"], width=cfg["width"], layers=cfg["layers"], n_fft=cfg["n_fft"],
-                       frame_hop=cfg["frame_hop"], hop=int(cfg.get("hop", 960)), sample_rate=sr)
+                       frame_hop=cfg["frame_hop"], hop=int(cfg.get("hop", 960)), sample_rate=sr,
+                       phase=cfg.get("phase", "free"))
     if arch != "oobleck":
-        raise ValueError(f"vae.arch={arch!r}: use 'stft' or 'oobleck'")
+        raise ValueError(f"vae.arch={arch!r}: use 'harmonic', 'stft' or 'oobleck'")
     return DuoVAE(latent_dim=cfg["latent_dim"], encoder_hidden_size=cfg["encoder_hidden_size"],
                   decoder_channels=cfg["decoder_channels"], downsampling_ratios=cfg["downsampling_ratios"],
                   channel_multiples=cfg["channel_multiples"], sample_rate=sr)
