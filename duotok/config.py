@@ -270,7 +270,7 @@ class CodebookConfig:
 @dataclass(frozen=True)
 class VAEConfig:
     pretrained: str             # "" = train; else a local diffusers-format Oobleck VAE folder
-    arch: str                   # "stft" (STFTVAE, the CPU default) or "oobleck" (DuoVAE, waveform Oobleck)
+    arch: str                   # "harmonic" (HarmonicVAE, the CPU default), "stft" (STFTVAE) or "oobleck" (DuoVAE)
     latent_dim: int
     width: int                  # stft: ConvNeXt channels
     layers: int                 # stft: ConvNeXt blocks in the encoder and in the decoder

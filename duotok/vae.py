@@ -202,7 +202,7 @@ def mel_loss(ref: torch.Tensor, est: torch.Tensor, sample_rate: int) -> torch.Te
     return multiscale_mel_l1(ref, est, sample_rate)
 
 
-def spectral_losses(vae: nn.Module, wav: torch.Tensor, spec: torch.Tensor, floor: float = 1e-5) -> dict[str, torch.Tensor]:
+def spectral_losses(vae: nn.Module, wav: torch.Tensor, spec: torch.Tensor, floor: float = 0.1) -> dict[str, torch.Tensor]:
     """Losses on the complex STFT `spec` (B, F, N) a STFT-domain VAE inverted, against the STFT of `wav` (B, L)
     on the same frames (`vae.analysis`):
 
@@ -224,7 +224,7 @@ def spectral_losses(vae: nn.Module, wav: torch.Tensor, spec: torch.Tensor, floor
 
 def vae_loss(model: nn.Module, wav: torch.Tensor, adversarial: bool = False,
              generator: torch.Generator | None = None, mel: bool = True, stft: bool = True,
-             spectral: bool = False, mag_floor: float = 1e-5) -> dict[str, torch.Tensor]:
+             spectral: bool = False, mag_floor: float = 0.1) -> dict[str, torch.Tensor]:
     """Namespaced VAE losses for a batch of waveforms wav (B, L) at 48 kHz.
 
     model: a VAE or a `VAEWithDisc` (required when `adversarial`). Returns `wave/l1`, `kl`,

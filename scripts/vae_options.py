@@ -49,6 +49,9 @@ OPTIONS: dict[str, tuple[dict, dict, dict]] = {
     # ... with the log-magnitude loss floored at 0.1 (|STFT| of a full-scale sine: 480): the audible part only
     "harm+mag0.1": ({"arch": "harmonic", "phase": "noise", "harmonics": 64}, {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4},
                     {"mag_floor": 0.1}),
+    # harmonic partials + the free-phase STFT branch of `base`, with the floored log-magnitude loss
+    "harm+free+mag0.1": ({"arch": "harmonic", "phase": "free", "harmonics": 64},
+                         {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}),
     # harmonic partials + the free-phase STFT branch of `base`
     "harm+free": ({"arch": "harmonic", "phase": "free", "harmonics": 64}, {"mel/l1": 1.0, "kl": 1e-4}, {}),
 }
@@ -97,7 +100,7 @@ def spectrogram_png(path: Path, ref: torch.Tensor, est: torch.Tensor, sr: int, t
 
 
 def train(name: str, params, train_ds, steps: int, out: Path):
-    conf_over, lam_over, loss_kw = OPTIONS[name]
+    conf_over, lam_over, loss_kw = OPTIONS[name.split("@")[0]]
     from duotok.stages.vae import vae_config
     conf = {**vae_config(params), **conf_over}
     vae = build_vae(conf)
@@ -120,7 +123,8 @@ def train(name: str, params, train_ds, steps: int, out: Path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--options", nargs="+", default=list(OPTIONS))
+    ap.add_argument("--options", nargs="+", default=list(OPTIONS),
+                    help="option names; name@N trains N steps instead of --steps")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--n", type=int, default=12, help="segments per split and stem")
     ap.add_argument("--root", default="outputs/preprocess")
@@ -146,10 +150,11 @@ def main(argv=None):
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
     for name in args.options:
         torch.manual_seed(0)
-        vae, secs, tm = train(name, params, train_ds, args.steps, out)
+        steps = int(name.split("@")[1]) if "@" in name else args.steps
+        vae, secs, tm = train(name, params, train_ds, steps, out)
         decode = (lambda x, v=vae: v.decode(v.encode(x)))
         t0 = time.time()
-        row = {"train_s": round(secs, 1), "steps": args.steps, **score(vae, refs, f0s, sr)}
+        row = {"train_s": round(secs, 1), "steps": steps, **score(vae, refs, f0s, sr)}
         row["eval_s"] = round(time.time() - t0, 1)
         table[name] = row
         ref = refs["test/vocals"][0]

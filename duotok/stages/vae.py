@@ -17,7 +17,7 @@ from ..checkpoint import save_checkpoint
 from ..config import Params, to_dict
 from ..core import freeze, is_main
 from ..stage import stage_dir, stage_main
-from ..vae import VAEWithDisc, WaveDiscriminator, build_vae, vae_loss
+from ..vae import VAEWithDisc, WaveDiscriminator, build_vae, loss_terms, vae_loss
 
 # %% auto #0
 __all__ = ['STEMS', 'StemCrops', 'vae_config', 'evaluate_vae', 'run']
@@ -119,13 +119,12 @@ def run(params: Params, tracker, root: str | Path = "outputs/preprocess", out_di
     t0 = time.time()
     if not cfg.pretrained:
         from duotok.train import fit
-        adversarial = any(k.startswith("adv/") and v > 0 for k, v in cfg.lambdas.items())
-        model = VAEWithDisc(vae, WaveDiscriminator() if adversarial else None)
+        terms = loss_terms(dict(cfg.lambdas))  # which vae_loss terms the lambdas switch on
+        model = VAEWithDisc(vae, WaveDiscriminator() if terms["adversarial"] else None)
         crops = StemCrops(train_ds, crop=int(round(cfg.segment_s * sr)), seed=cfg.train.seed)
         loader = DataLoader(crops, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(crops) >= cfg.train.batch_size,
                             num_workers=cfg.train.num_workers)
-        use = {k: cfg.lambdas.get(k, 0) > 0 for k in ("mel/l1", "stft/mr")}
-        res = fit(model, lambda m, wav: vae_loss(m, wav, adversarial=adversarial, mel=use["mel/l1"], stft=use["stft/mr"]),
+        res = fit(model, lambda m, wav: vae_loss(m, wav, **terms),
                   loader, cfg.train, out, tracker,
                   dict(cfg.lambdas), desc="vae")
         vae = res.model.vae
