@@ -130,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--root", default="outputs/preprocess")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="outputs/vae_options")
+    ap.add_argument("--vae-dir", default=None,
+                    help="score the VAE a stage wrote there (e.g. outputs/vae) as row `stage:<dir>` instead of training")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="pesq_wb undefined")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -148,10 +150,16 @@ def main(argv=None):
         torch.save(f0s, f0_cache)
     table_path = out / "table.json"
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
-    for name in args.options:
+    for name in ([f"stage:{args.vae_dir}"] if args.vae_dir else args.options):
         torch.manual_seed(0)
         steps = int(name.split("@")[1]) if "@" in name else args.steps
-        vae, secs, tm = train(name, params, train_ds, steps, out)
+        if args.vae_dir:
+            from duotok.vae import load_vae
+            vae = load_vae(args.vae_dir)
+            stage = json.loads((Path(args.vae_dir) / "metrics.json").read_text()) if (Path(args.vae_dir) / "metrics.json").exists() else {}
+            secs, steps = stage.get("train_s", float("nan")), params.vae.train.steps
+        else:
+            vae, secs, tm = train(name, params, train_ds, steps, out)
         decode = (lambda x, v=vae: v.decode(v.encode(x)))
         t0 = time.time()
         row = {"train_s": round(secs, 1), "steps": steps, **score(vae, refs, f0s, sr)}
@@ -159,7 +167,8 @@ def main(argv=None):
         table[name] = row
         ref = refs["test/vocals"][0]
         with torch.no_grad():
-            spectrogram_png(out / f"{name}_spec.png", ref, decode(ref[None])[0, : ref.shape[-1]], sr, name)
+            spectrogram_png(out / f"{name.replace('/', '_').replace(':', '_')}_spec.png", ref,
+                            decode(ref[None])[0, : ref.shape[-1]], sr, name)
         table_path.write_text(json.dumps(table, indent=1))
         print(name, json.dumps(row), flush=True)
     cols = ["train_s", "val/vocals/rpa", "test/vocals/rpa", "val/vocals/mel_l1", "val/acc/mel_l1", "test/vocals/pesq",
