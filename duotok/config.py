@@ -291,12 +291,14 @@ class CodebookConfig:
 @dataclass(frozen=True)
 class VAEConfig:
     pretrained: str             # "" = train; else a local diffusers-format Oobleck VAE folder
-    arch: str                   # "stft" (STFTVAE, the CPU default) or "oobleck" (DuoVAE, waveform Oobleck)
+    arch: str                   # "harmonic" (HarmonicVAE, the CPU default), "stft" (STFTVAE) or "oobleck" (DuoVAE)
     latent_dim: int
     width: int                  # stft: ConvNeXt channels
     layers: int                 # stft: ConvNeXt blocks in the encoder and in the decoder
     n_fft: int                  # stft: analysis/synthesis window (samples at 48 kHz)
     frame_hop: int              # stft: STFT hop (samples); must divide audio.vae_hop
+    phase: str                  # stft: "free" or "if" (running sum of a predicted instantaneous frequency); harmonic: "noise" too
+    harmonics: int              # harmonic: partials k * F0, k = 1..harmonics
     encoder_hidden_size: int
     decoder_channels: int
     downsampling_ratios: tuple[int, ...]
