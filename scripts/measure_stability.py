@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 
 
-def load_tokenizer(package: str, legacy: bool = False, **kw):
-    "A `DuoTok` from `package`; `legacy`: patch a pre-issue-16 encoder config to the first release's front end."
+def load_tokenizer(package: str, legacy: bool = False, codebook: str | None = None, **kw):
+    """A `DuoTok` from `package` (or, encode side only, from the `codebook` stage's checkpoint folder); `legacy`: patch
+    a pre-issue-16 encoder config to the first release's front end."""
     from duotok.tokenizer import DuoTok, TokenEncoder
+    if codebook:
+        return DuoTok(TokenEncoder.from_checkpoint(codebook), **kw)
     if not legacy:
         return DuoTok.from_pretrained(package, **kw)
     from duotok.checkpoint import load_checkpoint
@@ -42,6 +45,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--package", default="outputs/decoder/package")
     ap.add_argument("--legacy", action="store_true")
+    ap.add_argument("--codebook", default=None, help="a codebook checkpoint folder instead of a package (implies --no-decode)")
+    ap.add_argument("--chunk-s", type=float, default=None, help="encode windows (s); default: the package's / DuoTok's")
     ap.add_argument("--prep-root", default="outputs/preprocess"); ap.add_argument("--render-root", default="outputs/render")
     ap.add_argument("--seconds", type=float, default=240.0, help="seconds of songs per split (as evaluate.stability_s)")
     ap.add_argument("--pitch-segments", type=int, default=8); ap.add_argument("--no-decode", action="store_true")
@@ -52,7 +57,8 @@ def main(argv=None) -> dict:
     from duotok import metrics as M
     from duotok import stability as S
     torch.set_grad_enabled(False)
-    tok = load_tokenizer(a.package, a.legacy)
+    tok = load_tokenizer(a.package, a.legacy, a.codebook, **({"chunk_s": a.chunk_s} if a.chunk_s is not None else {}))
+    a.no_decode = a.no_decode or bool(a.codebook)
     t0 = time.time()
     m, rows, notes = E.stability_splits(tok, a.prep_root, a.render_root, a.seconds, 48000)
     m["time/stability_s"] = round(time.time() - t0, 1)
