@@ -27,8 +27,8 @@ downstream stages in isolated experiment workspaces):
     dvc exp run --queue -S finetune.noise.p=0.3 -S finetune.train.steps=20
     dvc exp run --queue -S finetune.noise.p=0.6 -S finetune.train.steps=20
     dvc queue start -j 1
-    dvc exp show --drop '.*' --keep 'Experiment|State|kbps|lm/dual/overall/ppl_1024|lm/v2a/acc/ppl_1024|recon/(vocals|acc)/mel_l1$|finetune\.noise\.p'
-    # or, in one line, DVC's own grid syntax: dvc exp run --queue -S 'finetune.noise.p=range(0, 0.7, 0.3)'
+    dvc exp show --drop '.*' --keep 'Experiment|State|kbps|lm/dual/overall/ppl_1024|lm/v2a/acc/ppl_1024|recon/(vocals|acc)/mel_l1$|finetune\\.noise\\.p'
+    # or, in one line, DVC's own grid syntax: dvc exp run --queue -S 'finetune.noise.p=0.0,0.3,0.6'
 """
 from __future__ import annotations
 

@@ -98,3 +98,27 @@ def test_dvc_writes_mixed_precision_unquoted_and_it_still_loads(tmp_path):
     assert yaml.safe_load(text)["finetune"]["train"]["mixed_precision"] is False
     p2 = load_params(p)
     assert p2.ssl.train.mixed_precision == "bf16" and p2.finetune.train.mixed_precision == "no"
+
+
+def test_sweep_dry_run_prints_commands_dvc_can_parse():
+    "Each `-S` of scripts/sweep.py's dvc commands parses with DVC's own Hydra grammar, back to the grid value."
+    import shlex
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    grid = {"finetune.noise.p": [0.0, 0.5], "finetune.noise.mode": ["additive"], "ssl.probe.grid": [[1e-3, 0.1]],
+            "vae.pretrained": ["/data/my vae"], "finetune.asr_blank_bias": [None], "codebook.cache_lower": [False]}
+    points = sweep.grid_points(grid)
+    cmds = sweep.dvc_commands(points)
+    assert len(cmds) == len(points) + 2 and cmds[-2] == "dvc queue start -j 1"
+    parser = OverridesParser.create()
+    for cmd, point in zip(cmds, points):
+        args = shlex.split(cmd)
+        assert args[:4] == ["dvc", "exp", "run", "--queue"]
+        sets = [a for i, a in enumerate(args) if args[i - 1] == "-S"]
+        parsed = {o.key_or_group: o.value() for o in parser.parse_overrides(sets)}
+        assert parsed == {k: (list(v) if isinstance(v, tuple) else v) for k, v in point.items()}, (cmd, parsed)
+    show = shlex.split(cmds[-1])
+    assert show[:3] == ["dvc", "exp", "show"] and "finetune\\.noise\\.p" in show[-1]
+    assert sweep.dvc_commands([{"finetune.lambdas.asr/ctc": 0.1}])[0].startswith("# not expressible")
