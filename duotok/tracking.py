@@ -29,11 +29,12 @@ __all__ = ['EXPERIMENT', 'tracking_root', 'tracking_uri', 'artifact_root', 'Null
 
 # %% ../nbs/03_tracking.ipynb #3466a0be
 def tracking_root(root: str | os.PathLike | None = None) -> Path:
-    """The folder of `mlruns.db` and `mlruns/`: `root` if given, else `DVC_ROOT` (DVC sets it for every stage it
-    runs; `dvc exp run --queue` points it at the main repository while the stage runs in a temporary copy, so
-    queued experiments log to the same store), else the project root."""
-    if root: return Path(root)
-    return Path(os.environ["DVC_ROOT"]) if os.environ.get("DVC_ROOT") else project_root()
+    """The folder of `mlruns.db` and `mlruns/`. Under DVC, the repository DVC runs for (`DVC_ROOT`, set for every
+    stage; `dvc exp run --queue` points it at the main repository while the stage runs in a temporary copy, so
+    queued experiments, and the report notebook reading them, use the same store); else `root` if given; else
+    the project root."""
+    if os.environ.get("DVC_ROOT"): return Path(os.environ["DVC_ROOT"])
+    return Path(root) if root else project_root()
 
 def tracking_uri(root: str | os.PathLike | None = None) -> str:
     "MLFLOW_TRACKING_URI if set, else SQLite `mlruns.db` in `tracking_root(root)`."

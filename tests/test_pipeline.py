@@ -15,6 +15,7 @@ copy of this repository with params/toy.yaml applied and a generated 3-song corp
 """
 import importlib.util
 import json
+from fnmatch import fnmatch
 import math
 import os
 import re
@@ -174,38 +175,76 @@ def test_sweep_dry_run_commands_rerun_only_downstream_of_the_key(queued):
     assert re.search(r"\[beta\].*\b0\.3\b", queued.show), queued.show
 
 
-# Stages whose outputs still change from run to run, and why (the code that writes them is in the stage
-# modules). Strict: once a stage repeats bit for bit this xfail fails, and the entry must go.
-NOT_YET_REPEATABLE = {
-    "render": "per-song render_s (songs/*/render.json, index.json) and render_wall_s in metrics.json (duotok/render.py)",
-    "ssl": "probe/seconds in metrics.json (duotok/probe.py)",
-    "codebook": "model_id embeds the git sha (stages/codebook.py: model_config)",
-    "vae": "train_s, val_s in metrics.json (stages/vae.py)",
-    "pre_encode": "<split>/tokenize_s, <split>/latents_s, total_s in metrics.json (stages/pre_encode.py)",
-    "decoder": "val_s in metrics.json; the scheduler config's _use_default_values is a set dumped as a list, "
-               "its order follows PYTHONHASHSEED (stages/decoder.py); the packaged model_id (codebook)",
-    "evaluate": "lm_s, lm/<protocol>/train_s, recon_s, recon/encode_s, recon/decode_s, evaluate_s (stages/evaluate.py)",
-    "report": "papermill writes timestamps and a random cell id into report.ipynb/.html; report/render_s, "
-              "report/html_kb (stages/report.py)",
+# Run metadata that stage code still writes into its DVC outputs, as (file glob, JSON key glob; None = the
+# whole file): it differs between two runs of the same commit, so the out hash does. To go (issue 15):
+# durations -> tracker.log_time, the git sha out of model_id, a sorted scheduler config, a scrubbed report
+# notebook. Any other difference fails the test; a stage without an entry must repeat bit for bit. Remove an
+# entry when its stage's code is fixed (the test cannot notice, as a fixed stage also passes with it).
+PATH = "<strings that differ only by the absolute project folder>"
+RUN_METADATA_STILL_IN_OUTPUTS = {
+    "render": [("index.json", "songs.*.render_s"), ("songs/*/render.json", "render_s"),     # duotok/render.py
+               ("metrics.json", "render_wall_s")],
+    "ssl": [("metrics.json", "probe/seconds")],                                             # duotok/probe.py
+    "codebook": [("metrics.json", "model_id"), ("model.json", "config.model_id")],          # git sha in model_id
+    "vae": [("metrics.json", "train_s"), ("metrics.json", "val_s")],
+    "pre_encode": [("metrics.json", "*_s")],                                                # tokenize_s, latents_s, total_s
+    "decoder": [("metrics.json", "*_s"), ("package/encoder/model.json", "config.model_id"),
+                ("package/tokenizer.json", "model_id"),
+                # diffusers' _use_default_values is a set dumped as a list: its order follows PYTHONHASHSEED
+                ("*denoiser.json", "config.scheduler._use_default_values.*")],
+    "evaluate": [("metrics.json", "*_s")],                                                  # eval/ and outputs/evaluate/
+    "report": [("metrics.json", "report/render_s"), ("metrics.json", "report/html_kb"),     # papermill: timestamps,
+               ("report.ipynb", "metadata.papermill.*"), ("report.ipynb", "cells.*.metadata.papermill.*"),
+               ("report.ipynb", "cells.*.metadata.execution.*"), ("report.ipynb", "cells.*.id"),  # a random cell id
+               ("report.ipynb", PATH), ("report.html", None)],   # PATH: the absolute project folder (`root` parameter)
 }
 
 
-def _cached_files(project: Path, md5: str) -> dict[str, str]:
-    obj = project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
-    return {e["relpath"]: e["md5"] for e in json.loads(obj.read_text())} if md5.endswith(".dir") else {"": md5}
+def _cache_obj(project: Path, md5: str) -> Path:
+    return project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
 
 
-@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.xfail(s in NOT_YET_REPEATABLE, strict=True,
-                                                                           reason=NOT_YET_REPEATABLE.get(s, "")))
-                                   for s in STAGES])
-def test_a_forced_rerun_in_a_fresh_copy_gives_the_same_output_hashes(toy, queued, stage):
-    "Same commit + same inputs -> same bytes, so a repro of an unchanged commit leaves dvc.lock unchanged."
-    first, again = _lock_outs(toy.dir, "HEAD")[stage], _lock_outs(toy.dir, _exp_ref(toy.dir, "forced"))[stage]
-    diff = {}
-    for path in first:
-        a, b = _cached_files(toy.dir, first[path]), _cached_files(toy.dir, again[path])
-        diff[path] = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
-    assert first == again, f"{stage}: files that differ between the two runs: {diff}"
+def _leaves(obj, prefix=""):
+    "JSON -> {'a.b.0.c': value}."
+    if isinstance(obj, (dict, list)):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        return {k: v for key, val in items for k, v in _leaves(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: obj}
+
+
+def unexplained_differences(project: Path, rev_a: str, rev_b: str, stage: str) -> list[str]:
+    "What differs between the outputs of `stage` in two revisions, less the run metadata listed for it."
+    allowed = RUN_METADATA_STILL_IN_OUTPUTS.get(stage, [])
+    ok = lambda f, k: any(fnmatch(f, fg) and (kg is None or (k is not None and fnmatch(k, kg))) for fg, kg in allowed)
+    # a queued experiment runs in <project>/.dvc/tmp/exps/<tmp>: the same folder under another name
+    here = re.compile(re.escape(str(project)) + r"(/\.dvc/tmp/exps/[\w.-]+)?")
+    same_but_path = lambda f, u, v: (isinstance(u, str) and isinstance(v, str) and (f, PATH) in allowed
+                                     and here.sub("<root>", u) == here.sub("<root>", v))
+    a_outs, b_outs = _lock_outs(project, rev_a)[stage], _lock_outs(project, rev_b)[stage]
+    bad = []
+    for path, a_md5 in a_outs.items():
+        files = lambda md5: ({e["relpath"]: e["md5"] for e in json.loads(_cache_obj(project, md5).read_text())}
+                             if md5.endswith(".dir") else {"": md5})
+        fa, fb = files(a_md5), files(b_outs[path])
+        for f in sorted(set(fa) | set(fb)):
+            if fa.get(f) == fb.get(f): continue
+            if f in fa and f in fb and f.endswith((".json", ".ipynb")):
+                x, y = (_leaves(json.loads(_cache_obj(project, m).read_text())) for m in (fa[f], fb[f]))
+                bad += [f"{path}/{f}: {k}" for k in sorted(set(x) | set(y))
+                        if x.get(k) != y.get(k) and not ok(f, k) and not same_but_path(f, x.get(k), y.get(k))]
+            elif not ok(f, None):
+                bad.append(f"{path}/{f}")
+    return bad
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_forced_rerun_in_a_fresh_copy_repeats_the_results(toy, queued, stage):
+    """Same commit + same inputs -> same bytes (so a repro of an unchanged commit leaves dvc.lock unchanged),
+    except for the run metadata listed above."""
+    bad = unexplained_differences(toy.dir, "HEAD", _exp_ref(toy.dir, "forced"), stage)
+    assert not bad, f"{stage}: differs between two runs of the same commit: {bad[:20]}"
+    if stage not in RUN_METADATA_STILL_IN_OUTPUTS:
+        assert _lock_outs(toy.dir, "HEAD")[stage] == _lock_outs(toy.dir, _exp_ref(toy.dir, "forced"))[stage]
 
 
 def test_exp_run_set_param_in_the_workspace(toy, queued):
