@@ -66,8 +66,9 @@ def _runs(db: Path):
 def toy(tmp_path_factory):
     "The toy project after one `dvc repro`, committed (dvc.lock included)."
     d = G.toy_project(tmp_path_factory.mktemp("toy") / "proj", ROOT)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DVC_ROOT")}
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{d / 'mlruns.db'}", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    # no MLFLOW_TRACKING_URI: stages log to <project>/mlruns.db because DVC sets DVC_ROOT (queued experiments too)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DVC_ROOT", "MLFLOW_TRACKING_URI")}
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
     t0 = time.time()
     r = _run([DVC, "repro"], d, env)
     print(f"[toy] dvc repro: {time.time() - t0:.0f} s")
@@ -164,8 +165,11 @@ def queued(toy):
     return SimpleNamespace(status=status, logs=logs, show=show.stdout)
 
 
-def test_queued_experiments_succeed(queued):
+def test_queued_experiments_succeed_and_log_to_the_main_store(toy, queued):
     assert re.search(r"forced\s.*Success", queued.status) and re.search(r"beta\s.*Success", queued.status), queued.status
+    runs = _runs(toy.dir / "mlruns.db")          # they ran in temporary copies; DVC_ROOT pointed here
+    by_exp = runs.groupby("tags.dvc.exp_name")["tags.dvc.stage"].apply(set)
+    assert by_exp["forced"] == set(STAGES) and by_exp["beta"] == BELOW_CODEBOOK, by_exp
 
 
 def test_sweep_dry_run_commands_rerun_only_downstream_of_the_key(queued):
@@ -196,7 +200,9 @@ RUN_METADATA_STILL_IN_OUTPUTS = {
     "report": [("metrics.json", "report/render_s"), ("metrics.json", "report/html_kb"),     # papermill: timestamps,
                ("report.ipynb", "metadata.papermill.*"), ("report.ipynb", "cells.*.metadata.papermill.*"),
                ("report.ipynb", "cells.*.metadata.execution.*"), ("report.ipynb", "cells.*.id"),  # a random cell id
-               ("report.ipynb", PATH), ("report.html", None)],   # PATH: the absolute project folder (`root` parameter)
+               ("report.ipynb", PATH), ("report.html", None),    # PATH: the absolute project folder (`root` parameter)
+               # the training-curves figure plots pre_encode's durations logged as train/tokenize_s, train/latents_s
+               ("report.ipynb", "cells.*.outputs.*.data.image/png")],
 }
 
 
