@@ -159,8 +159,17 @@ class TrainConfig:
     ckpt_every: int             # steps between resumable state saves
     log_every: int
     seed: int
-    mixed_precision: Literal["no", "fp16", "bf16"]
+    mixed_precision: Literal["no", "fp16", "bf16"] | bool  # Accelerate's names; YAML false reads as "no" (below)
     num_workers: int
+
+    def __post_init__(self):
+        # `dvc exp run -S` rewrites params.yaml with a YAML 1.2 writer, for which `no` is a plain string, so it
+        # drops the quotes of "no"; PyYAML (YAML 1.1) then reads `no` as false. Both spellings mean "no".
+        if self.mixed_precision is False: object.__setattr__(self, "mixed_precision", "no")
+
+    def validate(self, key: str) -> None:
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"{key}.mixed_precision: {self.mixed_precision!r} is not one of ['no', 'fp16', 'bf16']")
 
 # %% ../nbs/01_config.ipynb #815f13ff
 @dataclass(frozen=True)

@@ -256,6 +256,7 @@ def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: st
             results[sid] = res
             if k % 10 == 0 or k == len(jobs): log(f"[preprocess] {k}/{len(jobs)} songs")
     if pool: pool.close(); pool.join()
+    results = dict(sorted(results.items()))   # song order, not the workers' completion order, reaches the outputs
     if not results:
         raise PreprocessError(f"no usable song in {render_root} ({len(rejected)} rejected: "
                               + "; ".join(f"{k}: {v[0]}" for k, v in list(rejected.items())[:5]) + ")")
