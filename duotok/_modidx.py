@@ -139,6 +139,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'duotok.corpus.build_shift_corpus': ('corpus.html#build_shift_corpus', 'duotok/corpus.py'),
                                'duotok.corpus.char_ids': ('corpus.html#char_ids', 'duotok/corpus.py'),
                                'duotok.corpus.chorale_source': ('corpus.html#chorale_source', 'duotok/corpus.py'),
+                               'duotok.corpus.corpus_sources': ('corpus.html#corpus_sources', 'duotok/corpus.py'),
                                'duotok.corpus.discover_songs': ('corpus.html#discover_songs', 'duotok/corpus.py'),
                                'duotok.corpus.folk_source': ('corpus.html#folk_source', 'duotok/corpus.py'),
                                'duotok.corpus.generate_corpus': ('corpus.html#generate_corpus', 'duotok/corpus.py'),

@@ -29,7 +29,7 @@ __all__ = ['STEMS', 'AUDIO_EXTS', 'SPLITS', 'ACCOMPANIMENT', 'SONG_KEYS', 'RECIP
            'normalize_lyrics', 'char_ids', 'lyric_oov', 'ids_to_text', 'read_song', 'ValidationReport',
            'validate_corpus', 'load_stems', 'Part', 'write_midi', 'harmonise', 'accompany', 'chorale_source',
            'folk_source', 'pop_source', 'timed_syllables', 'write_recipe', 'generate_corpus', 'package_version',
-           'music_excerpts', 'build_shift_corpus', 'main']
+           'music_excerpts', 'corpus_sources', 'build_shift_corpus', 'main']
 
 # %% ../nbs/10_corpus.ipynb #8cfc1d23
 STEMS = ("vocals", "drums", "bass", "other")
@@ -786,6 +786,15 @@ def music_excerpts(out: Path, packages, excerpts: int, excerpt_s: float, seed: i
             ids.append(sid)
     return ids
 
+def corpus_sources(root: str | os.PathLike) -> set[str]:
+    "The `source` of every song.json under `root` (all of them, readable ones; what the shift recipes must not reuse)."
+    out = set()
+    for d in discover_songs(root):
+        try: meta = json.loads((d / "song.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError): continue
+        if isinstance(meta, dict) and isinstance(meta.get("source"), str): out.add(meta["source"])
+    return out
+
 def build_shift_corpus(out: str | os.PathLike, recipes: int, music, excerpts: int, excerpt_s: float, seed: int,
                        exclude_sources=(), log=print) -> list[str]:
     "Write the shift set under `out` (rebuilt only when an input changed); returns its song ids."
@@ -833,8 +842,7 @@ def main(argv=None) -> int:
         from duotok.config import load_params
         p = load_params(a.params).render; c = p.shift
         try:
-            ex = {s.meta.get("source", "") for s in validate_corpus(p.songs_dir, deep=False).songs}
-            ids = build_shift_corpus(a.out, c.recipes, c.music, c.excerpts, c.excerpt_s, c.seed, ex)
+            ids = build_shift_corpus(a.out, c.recipes, c.music, c.excerpts, c.excerpt_s, c.seed, corpus_sources(p.songs_dir))
         except SongError as e: print(f"error: {e}", file=sys.stderr); return 2
         print(f"wrote {len(ids)} shift songs to {a.out}"); return 0
     if a.cmd == "generate":

@@ -24,8 +24,8 @@ import soundfile as sf
 from .audio import load_audio, resample
 from .config import ShiftConfig, VarietyConfig
 from .core import atomic_write_json
-from .corpus import (SHIFT_MUSIC, STEMS, Problem, Song, SongError, Syllable, build_shift_corpus, char_ids, is_safe_id,
-                           load_stems, normalize_lyrics, validate_corpus)
+from .corpus import (SHIFT_MUSIC, STEMS, Problem, Song, SongError, Syllable, build_shift_corpus, char_ids,
+                           corpus_sources, is_safe_id, load_stems, normalize_lyrics, validate_corpus)
 
 SR = 48000
 RENDER_VERSION = 6      # bump when the renderer's output changes
@@ -564,7 +564,7 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
     rejected = dict(rep.rejected); songs = list(rep.songs)
     if shift is not None and shift.enabled:               # the domain-shift set: a corpus built from params
         ids = build_shift_corpus(cache / "shift_songs", shift.recipes, shift.music, shift.excerpts, shift.excerpt_s, shift.seed,
-                                 {s.meta.get("source", "") for s in rep.songs}, log=log)
+                                 corpus_sources(songs_dir), log=log)
         srep = validate_corpus(cache / "shift_songs", deep=True)
         for p in srep.problems:
             if p.song: log(str(p))                        # (its corpus-wide split warnings do not apply)

@@ -137,8 +137,10 @@ def test_heldout_pools_only_for_shift_songs(tmp_path):
     with pytest.raises(ConfigError, match="voices.female must be held out"):
         load_params(ROOT / "params.yaml", [f"render.shift.variety.voices.female=[{VARIETY.voices['female'][0]}]"])
     root = tmp_path / "songs"
-    for k in range(3): make_recipe(root / f"song{k}")
-    shift = dataclasses.replace(PARAMS.render.shift, recipes=1, music=(), excerpts=0)
+    for k in range(4): make_recipe(root / f"song{k}")
+    meta = json.loads((root / "song3" / "song.json").read_text()); meta["split"] = "shift"      # a song of the user's
+    (root / "song3" / "song.json").write_text(json.dumps(meta))
+    shift = dataclasses.replace(PARAMS.render.shift, recipes=0, music=(), excerpts=0)         # (the built set: test_corpus)
     out = tmp_path / "render"
     m = render_corpus(root, out, workers=2, f0_check_songs=1, variety=VARIETY, shift=shift, log=lambda *_: None)
     idx = {s["id"]: s for s in json.loads((out / "index.json").read_text())["songs"]}
@@ -147,8 +149,8 @@ def test_heldout_pools_only_for_shift_songs(tmp_path):
     for sid, r in idx.items():
         v = r["variation"]; variant = v["voice"].split("+")[1]
         if r["split"] == "shift":
-            assert v["pool"] == "shift" and v["soundfont"] in held.soundfonts and variant in sum(held.voices.values(), ())
-            assert "heldout-render" in r["tags"] and r["licence"]
+            assert v["pool"] == "shift" and v["soundfont"] in held.soundfonts and variant in held.voices["female"]
+            assert held.mix_dbfs[0] - 0.1 <= r["mix_dbfs"] <= held.mix_dbfs[1] + 0.1 and v["effects"]["reverb"] >= held.reverb[0]
         else:
             assert v["pool"] == "train" and v["soundfont"] in VARIETY.soundfonts and variant in VARIETY.voices["female"]
             assert v["soundfont"] not in held.soundfonts and VARIETY.mix_dbfs[0] - 0.1 <= r["mix_dbfs"] <= VARIETY.mix_dbfs[1] + 0.1
