@@ -565,7 +565,7 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
     if shift is not None and shift.enabled:               # the domain-shift set: a corpus built from params
         ids = build_shift_corpus(cache / "shift_songs", shift.recipes, shift.music, shift.excerpts, shift.excerpt_s, shift.seed,
                                  corpus_sources(songs_dir), log=log)
-        srep = validate_corpus(cache / "shift_songs", deep=True)
+        srep = validate_corpus(cache / "shift_songs", deep=True, max_songs=max_songs)   # max_songs: per set
         for p in srep.problems:
             if p.song: log(str(p))                        # (its corpus-wide split warnings do not apply)
         clash = {s.id for s in srep.songs} & {s.id for s in songs}

@@ -172,10 +172,10 @@ def test_accompaniment_only_song_renders_and_is_marked(tmp_path):
     acc = 0.2 * np.random.default_rng(0).standard_normal((3 * 44100, 2)).astype("float32")
     sf.write(d / "accompaniment.wav", acc, 44100)
     (d / "song.json").write_text(json.dumps(dict(title="x", instrumental=True, split="shift", licence="CC0", tags=["shift"])))
-    make_stems(tmp_path / "songs" / "full")
+    for k in range(3): make_stems(tmp_path / "songs" / ("full" if k == 0 else f"full{k}"), seed=k)
     out = tmp_path / "render"
     m = render_corpus(tmp_path / "songs", out, workers=1, variety=VARIETY, log=lambda *_: None)
-    assert m["songs"] == 1 and m["shift_songs"] == 1 and m["rejected"] == 0
+    assert m["songs"] == 3 and m["shift_songs"] == 1 and m["rejected"] == 0
     idx = {s["id"]: s for s in json.loads((out / "index.json").read_text())["songs"]}
     r = idx["inst"]
     assert r["instrumental"] and not r["acc_separated"] and r["split"] == "shift" and r["licence"] == "CC0"
@@ -186,3 +186,9 @@ def test_accompaniment_only_song_renders_and_is_marked(tmp_path):
     assert json.loads((out / "songs" / "inst" / "lyrics.json").read_text())["chars"] == []
     # without a shift config the song is rendered with the train pool (no held-out pool to draw from)
     assert r["variation"]["pool"] == "train"
+    # preprocess keeps it in its own split, every segment labelled silent vocals
+    from duotok.data import SegmentDataset
+    from duotok.preprocess import preprocess_corpus
+    preprocess_corpus(out, tmp_path / "pre", workers=1, log=lambda *_: None)
+    ds = SegmentDataset(tmp_path / "pre", "shift", fields=["silent_vocals", "silent_acc", "song"])
+    assert len(ds) >= 1 and all(ds[i]["song"] == "inst" and ds[i]["silent_vocals"] and not ds[i]["silent_acc"] for i in range(len(ds)))
