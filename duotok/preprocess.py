@@ -271,7 +271,7 @@ def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: st
                               "remove \"split\" from some song.json files or add songs")
     width = max([r["lyric_width"] for r in results.values()] + [1])
     manifest_splits = {}
-    for name in ("train", "val", "test"):
+    for name in ("train", "val", "test", *sorted(set(split.values()) - {"train", "val", "test"})):   # + e.g. shift (never trained on)
         ids = sorted(s for s in results if split[s] == name)
         shards = write_shards([(tmp / s, results[s]["n"]) for s in ids], out, name, shard_size, width)
         manifest_splits[name] = dict(songs=ids, n_segments=sum(results[s]["n"] for s in ids), shards=shards)
