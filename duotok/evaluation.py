@@ -360,12 +360,14 @@ def attach_score_f0(items: list[dict], render_root: str | Path, sr: int) -> list
 
 def stability_splits(tok, prep_root: str | Path, render_root: str | Path, seconds: float, sr: int, seed: int = 0,
                      splits=("test", "shift")) -> tuple[dict, list[dict], list[str]]:
-    """`duotok.stability.stability_part` on up to `seconds` of whole songs of each split of the preprocess manifest ->
-    (metrics, per-song rows, notes for the splits that are missing)."""
+    """`duotok.stability.stability_part` on up to `seconds` of whole songs of each split of the preprocess manifest,
+    taken in turns over the render stage's sources (`duotok.stability.spread_songs`) -> (metrics, per-song rows with
+    their `source`, notes for the splits that are missing)."""
     from duotok import stability as S
     m, rows, notes = {}, [], []
+    sources = S.song_sources(render_root)
     for split in splits:
-        names = S.split_songs(prep_root, split)
+        names = S.spread_songs(S.split_songs(prep_root, split), sources)
         if not names:
             notes.append(f"no `{split}` split in the corpus: its token stability is not measured")
             continue
@@ -374,7 +376,7 @@ def stability_splits(tok, prep_root: str | Path, render_root: str | Path, second
             if total >= seconds: break
             songs.append(S.load_song(render_root, name, sr)); total += songs[-1].duration_s
         sm, sr_ = S.stability_part(tok, songs, split, seed)
-        m.update(sm); rows += sr_
+        m.update(sm); rows += [{**r, "source": sources.get(r["song"], "corpus")} for r in sr_]
     return m, rows, notes
 
 

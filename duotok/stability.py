@@ -19,9 +19,9 @@ from . import metrics as M
 
 # %% auto #0
 __all__ = ['TRACKS', 'GAINS_DB', 'NOISE_SNR_DB', 'SHIFT_S', 'WINDOW_S', 'PERTURBATIONS', 'gain_name', 'add_noise', 'agreement',
-           'active_tokens', 'Song', 'score_f0', 'rendered_f0', 'split_songs', 'load_song', 'synthetic_song',
-           'with_windows', 'song_stability', 'distinct_per_block', 'stability_part', 'toy_duotok', 'vae_pitch',
-           'segment_start', 'pitch_labels', 'vocal_views', 'pitch_probe']
+           'active_tokens', 'Song', 'score_f0', 'rendered_f0', 'split_songs', 'load_song', 'song_sources',
+           'spread_songs', 'synthetic_song', 'with_windows', 'song_stability', 'distinct_per_block', 'stability_part',
+           'toy_duotok', 'vae_pitch', 'segment_start', 'pitch_labels', 'vocal_views', 'pitch_probe']
 
 # %% ../nbs/46_stability.ipynb #ba921af3
 TRACKS = ("vocals", "acc")
@@ -30,7 +30,7 @@ NOISE_SNR_DB = 30.0
 SHIFT_S = 2.0
 WINDOW_S = 4.0
 
-def gain_name(db: float) -> str: return f"gain_{db:+g}db"
+def gain_name(db: float) -> str: return f"gain_{db:g}db"         # no "+": MLflow refuses it in metric names
 
 PERTURBATIONS = (*[gain_name(g) for g in GAINS_DB], f"noise_{NOISE_SNR_DB:g}db", f"shift_{SHIFT_S:g}s", f"window_{WINDOW_S:g}s")
 "Metric names of the perturbations, in the order `token_stability` reports them."
@@ -112,6 +112,26 @@ def load_song(render_root: str | Path, song: str, sr: int = 48000, stems=("vocal
     voc = pad(wav["vocals"]) if "vocals" in wav else np.zeros(n, np.float32)
     acc = sum((pad(w) for s, w in wav.items() if s != "vocals"), np.zeros(n, np.float32))
     return Song(song, voc, acc.astype(np.float32), sr, rendered_f0(render_root, song, int(math.ceil(n / sr * 100))))
+
+# %% ../nbs/46_stability.ipynb #77abff99
+def song_sources(render_root: str | Path) -> dict[str, str]:
+    """Song id -> source from the render stage's `<render_root>/index.json` `tags`: the Debian package of a real-music
+    shift song, `heldout-render`, else `corpus` (empty when there is no index)."""
+    p = Path(render_root) / "index.json"
+    if not p.exists(): return {}
+    out = {}
+    for e in json.loads(p.read_text()).get("songs", []):
+        tags = list(e.get("tags") or [])
+        if "real-music" in tags: out[e["id"]] = next((t for t in tags if t not in ("shift", "real-music")), "real-music")
+        else: out[e["id"]] = "heldout-render" if "heldout-render" in tags else "corpus"
+    return out
+
+def spread_songs(names: list[str], sources: dict[str, str]) -> list[str]:
+    "`names` taken in turns over their sources (first-seen source order; each source's songs in their given order)."
+    groups: dict[str, list[str]] = {}
+    for n in names: groups.setdefault(sources.get(n, "corpus"), []).append(n)
+    queues = list(groups.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 # %% ../nbs/46_stability.ipynb #3de39c7c
 def synthetic_song(seconds: float = 30.0, sr: int = 48000, seed: int = 0, name: str = "synthetic") -> Song:
