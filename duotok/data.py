@@ -84,10 +84,11 @@ class SongIndex:
                     buf[k, r0 - lo:r0 - lo + len(x)] = x[:, 0] if x.shape[1] == 1 else x.mean(1)
         if fsr == sr: return buf[:, :n_out]
         import soxr
-        y = soxr.resample(np.ascontiguousarray(buf.T), fsr, sr, quality="VHQ").T
-        mo = int(round(m * sr / fsr)); y = y[:, mo:mo + n_out]
-        if y.shape[1] < n_out: y = np.pad(y, ((0, 0), (0, n_out - y.shape[1])))
-        return np.ascontiguousarray(y, dtype=np.float32)
+        mo, out = int(round(m * sr / fsr)), np.zeros((len(stems), n_out), np.float32)
+        for k in range(len(stems)):                 # one channel at a time: ~10x faster than soxr on interleaved channels
+            y = soxr.resample(buf[k], fsr, sr, quality="VHQ")[mo:mo + n_out]
+            out[k, :len(y)] = y
+        return out
 
 # %% ../nbs/13_data.ipynb #eacbcd90
 def _db(x: np.ndarray) -> float:
