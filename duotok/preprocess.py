@@ -259,6 +259,7 @@ def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: st
         shutil.rmtree(out, ignore_errors=True)
         raise
     if pool: pool.close(); pool.join()
+    results = dict(sorted(results.items()))   # song order, not the workers' completion order, reaches the outputs
     cnt = max(sum(r["frames"] for r in sums), 1)
     mean = sum(r["sum"] for r in sums) / cnt; std = np.sqrt(np.maximum(sum(r["sq"] for r in sums) / cnt - mean ** 2, 1e-8))
     names = ["train", "val", "test"] + sorted(set(split.values()) - {"train", "val", "test"})
