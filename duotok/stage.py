@@ -19,7 +19,8 @@ from .core import atomic_write_json, is_main, seed_everything
 from .tracking import NullTracker, start_run
 from .train import resume_dir
 
-STAGES = ("render", "preprocess", "ssl", "finetune", "codebook", "vae", "pre_encode", "decoder", "evaluate", "report")
+STAGES = ("render", "preprocess", "ssl", "finetune", "codebook", "vae", "pre_encode", "decoder", "evaluate",
+          "generate", "report")
 
 # %% auto #0
 __all__ = ['STAGES', 'stage_dir', 'stage_parser', 'stage_main']

@@ -149,7 +149,7 @@ class DualTokens:
         n = len(self) if self.is_shard else None
         for name, x in (("segment", self.segment), ("durations", self.durations), ("meta", self.meta)):
             if x is not None and (n is None or len(x) != n):
-                raise TokenFileError(f"{where}: '{name}' has {len(x)} entries for streams of shape {self.vocals.shape}"
+                raise TokenFileError(f"{where}: '{name}' has {len(x)} {'ids' if name == 'segment' else 'entries'} for streams of shape {self.vocals.shape}"
                                      + (f" ({n} items)" if self.is_ragged else ""))
         if self.durations is not None and not (np.isfinite(self.durations).all() and (self.durations >= 0).all()):
             raise TokenFileError(f"{where}: 'durations' must be finite seconds >= 0")
@@ -567,7 +567,7 @@ class DuoTok:
                                  "(tokens[i])")
         iv = torch.as_tensor(tokens.vocals).reshape(-1, tokens.n_tokens)
         ia = torch.as_tensor(tokens.accompaniment).reshape(-1, tokens.n_tokens)
-        wv, wa = self.decoder.decode(iv, ia, progress=progress)
+        wv, wa = self.decoder.decode(iv, ia, **({"progress": True} if progress else {}))
         wv, wa = _to_numpy(wv).astype(np.float32), _to_numpy(wa).astype(np.float32)
         if not tokens.is_shard: wv, wa = wv[0], wa[0]
         sr = int(getattr(self.decoder, "sample_rate", self.encoder.audio.sample_rate))
