@@ -108,6 +108,17 @@ class DualTokens:
             v, acc = self.vocals[i], self.accompaniment[i]
         return DualTokens(v, acc, self.token_rate, self.codebook_sizes, self.model_id, None)
 
+    def select(self, indices: Sequence[int]) -> "DualTokens":
+        "The shard of items `indices` (in that order), with their ids, durations and metadata."
+        if not self.is_shard: raise TypeError("DualTokens.select: needs a shard")
+        idx = [int(i) for i in indices]
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]
+        if self.is_ragged:
+            return DualTokens.ragged([self[i] for i in idx], pick(self.segment) or [str(i) for i in idx], pick(self.durations),
+                                     pick(self.meta), self.token_rate, self.codebook_sizes, self.model_id)
+        return DualTokens(self.vocals[idx], self.accompaniment[idx], self.token_rate, self.codebook_sizes, self.model_id,
+                          pick(self.segment), None, pick(self.durations), pick(self.meta))
+
     def __iter__(self):
         if not self.is_shard: yield self; return
         for i in range(len(self)): yield self[i]
