@@ -691,6 +691,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'duotok.tokenize._worker_init': ('tokenize.html#_worker_init', 'duotok/tokenize.py'),
                                  'duotok.tokenize._worker_shard': ('tokenize.html#_worker_shard', 'duotok/tokenize.py'),
                                  'duotok.tokenize.check_plan': ('tokenize.html#check_plan', 'duotok/tokenize.py'),
+                                 'duotok.tokenize.clean_partial': ('tokenize.html#clean_partial', 'duotok/tokenize.py'),
                                  'duotok.tokenize.encode_source': ('tokenize.html#encode_source', 'duotok/tokenize.py'),
                                  'duotok.tokenize.encoder_fingerprint': ('tokenize.html#encoder_fingerprint', 'duotok/tokenize.py'),
                                  'duotok.tokenize.find_audio': ('tokenize.html#find_audio', 'duotok/tokenize.py'),
