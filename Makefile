@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro test test-fast lab mlflow-ui bench clean-outputs
+.PHONY: setup repro test lab mlflow-ui bench dvc-graph
 
 setup: $(PY_STAMP) $(APT_STAMP)
 
@@ -54,6 +54,11 @@ lab: setup
 
 mlflow-ui: setup
 	source $(BIN)/activate && python -m duotok.tracking ui --port 5000
+
+# Recompute the deps and params of every stage in dvc.yaml from the code (after moving code between modules):
+# runs the toy chain in a temporary project to record the params keys each stage reads (~3-5 min).
+dvc-graph: setup
+	source $(BIN)/activate && python scripts/dvc_graph.py --toy --write
 
 bench: setup
 	source $(BIN)/activate && for b in bench/bench_*.py; do python $$b; done

@@ -135,7 +135,7 @@ def cmd_tokenize(args) -> int:
         import os, torch
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     s = tokenize_dataset(args.source, args.output, args.model, args.shard_size, args.workers, args.separator, device, kw,
-                         args.pad, progress=not args.quiet)
+                         args.pad, progress=not args.quiet, restart=args.restart)
     who = f"rank {s['rank']} of {s['world']}: " if s["world"] > 1 else ""
     print(f"{who}tokenized {s['songs']} songs ({s['audio_s']:.1f} s of audio) in {s['wall_s']:.1f} s: "
           f"{s['audio_s_per_s']:.1f} s of audio per s; {s['rejected']} rejected; {s['shards_done']} shards written, "
@@ -158,6 +158,15 @@ def _split_val(tokens, fraction: float, seed: int):
     return tokens.select(sorted(perm[k:])), tokens.select(sorted(perm[:k]))
 
 
+def _tokens_sha(t) -> str:
+    "SHA-256 prefix of a `DualTokens`' codes and item boundaries (what an LM resume state was trained on)."
+    import hashlib
+    h = hashlib.sha256()
+    for a in (t.vocals, t.accompaniment, t.lengths):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 def cmd_lm_train(args) -> int:
     import json, shutil
     from duotok import lm as L
@@ -166,6 +175,7 @@ def cmd_lm_train(args) -> int:
     from duotok.distributed import is_rank0, on_rank0
     from duotok.evaluation import Prefixed, prompt_tokens
     from duotok.tokenize import load_tokens
+    from duotok.stage import check_resume_state, code_hashes, import_closure, package_dir
     from duotok.tracking import NullTracker, start_run
     p = load_params(args.params, args.set or [], args.profile)
     ecfg, lt = p.evaluate, p.evaluate.lm_train
@@ -179,6 +189,11 @@ def cmd_lm_train(args) -> int:
     print(f"lm train: {len(train)} training items ({int(train.lengths.sum())} tokens per track)"
           + (f", {len(val)} validation items" if val is not None else ", no validation")
           + f"; crops of up to {ecfg.lm.context} tokens; {lt.steps} steps at batch {lt.batch_size}", file=sys.stderr)
+    current = {"params": {"evaluate": {"lm": to_dict(ecfg.lm), "lm_train": to_dict(lt), "prompt_s": ecfg.prompt_s},
+                          "data": {"train": _tokens_sha(train), "val": None if val is None else _tokens_sha(val)}},
+               "code": code_hashes(import_closure([package_dir() / "lm.py"]))}
+    for proto in args.protocol:                     # before any training: a stale state is refused, not resumed
+        check_resume_state(out / proto, current, args.restart, is_rank0(), "the same duotok lm train command with --restart")
     summary = {}
     run = start_run("lm", p, tags={"source": "duotok lm train"}) if not args.no_track and is_rank0() else None
     tracker = run.__enter__() if run is not None else NullTracker()
@@ -289,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chunk-s", type=float, default=None); t.add_argument("--context-s", type=float, default=None)
     t.add_argument("--pad", action="store_true", help="zero-pad stems of different lengths instead of rejecting the song")
     t.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda:LOCAL_RANK when a GPU is present)")
+    t.add_argument("--restart", action="store_true", help="delete the token dataset in -o (one made with another "
+                   "configuration is refused) and start over")
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(fn=cmd_tokenize)
     lm = sub.add_parser("lm", help="token language models").add_subparsers(dest="lm_command", required=True)
@@ -305,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--params", default="params.yaml"); lt.add_argument("--profile", default=None)
     lt.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one parameter (repeatable)")
     lt.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    lt.add_argument("--restart", action="store_true", help="discard an interrupted run's state in -o (one made with "
+                    "other params, data or code is refused) and start over")
     lt.add_argument("-q", "--quiet", action="store_true")
     lt.set_defaults(fn=cmd_lm_train)
     g = sub.add_parser("generate", help="a vocal -> a generated accompaniment (vocals.wav, accompaniment.wav, mix.wav)")
@@ -338,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as e:      # clear one-line errors for bad input (TokenFileError, AudioError)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        from duotok.checkpoint import ResumeMismatch      # torch: imported only when needed
+        if isinstance(e, RuntimeError) and not isinstance(e, ResumeMismatch): raise
+        # one-line errors for bad input (TokenFileError, AudioError) and for a dataset / LM state of another configuration
         print(f"duotok {args.command}: error: {e}", file=sys.stderr)
         return 2
 

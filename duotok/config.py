@@ -18,11 +18,11 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 # %% auto #0
-__all__ = ['SECTIONS', 'ConfigError', 'from_dict', 'to_dict', 'flatten', 'AudioConfig', 'TrainConfig', 'RenderConfig',
-           'PreprocessConfig', 'EncoderConfig', 'ProbeConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig',
-           'FinetuneConfig', 'CodebookConfig', 'VAEConfig', 'PreEncodeConfig', 'DecoderConfig', 'LMConfig',
-           'EvaluateConfig', 'GenerateConfig', 'ReportConfig', 'Params', 'parse_override', 'load_params_dict',
-           'load_params', 'checkpoint_config', 'read_section', 'expect_kind', 'config_id']
+__all__ = ['SECTIONS', 'ConfigError', 'from_dict', 'to_dict', 'flatten', 'AudioConfig', 'TrainConfig', 'VarietyConfig',
+           'ShiftConfig', 'RenderConfig', 'PreprocessConfig', 'EncoderConfig', 'ProbeConfig', 'SSLConfig',
+           'NoiseConfig', 'FreezeConfig', 'FinetuneConfig', 'CodebookConfig', 'VAEConfig', 'PreEncodeConfig',
+           'DecoderConfig', 'LMConfig', 'EvaluateConfig', 'GenerateConfig', 'ReportConfig', 'Params', 'parse_override',
+           'load_params_dict', 'load_params', 'checkpoint_config', 'read_section', 'expect_kind', 'config_id']
 
 # %% ../nbs/01_config.ipynb #ff9aaa52
 class ConfigError(ValueError):
@@ -159,19 +159,79 @@ class TrainConfig:
     ckpt_every: int             # steps between resumable state saves
     log_every: int
     seed: int
-    mixed_precision: Literal["no", "fp16", "bf16"]
+    mixed_precision: Literal["no", "fp16", "bf16"] | bool  # Accelerate's names; YAML false reads as "no" (below)
     num_workers: int
+
+    def __post_init__(self):
+        # `dvc exp run -S` rewrites params.yaml with a YAML 1.2 writer, for which `no` is a plain string, so it
+        # drops the quotes of "no"; PyYAML (YAML 1.1) then reads `no` as false. Both spellings mean "no".
+        if self.mixed_precision is False: object.__setattr__(self, "mixed_precision", "no")
+
+    def validate(self, key: str) -> None:
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"{key}.mixed_precision: {self.mixed_precision!r} is not one of ['no', 'fp16', 'bf16']")
 
 # %% ../nbs/01_config.ipynb #815f13ff
 @dataclass(frozen=True)
+class VarietyConfig:
+    "What `render` varies per song: each song draws its own values (seeded by `render.seed` and its id)."
+    soundfonts: tuple[str, ...]             # General MIDI soundfonts (.sf2 / .sf3), one drawn per recipe
+    voices: dict[str, tuple[str, ...]]      # recipe voice_gender -> espeak-ng variants (the `+x` of `de+f3`)
+    dialects: dict[str, tuple[str, ...]]    # lyric language -> espeak-ng voices; other languages keep the recipe's
+    tempo_factor: tuple[float, float]       # uniform range; 1 = the recipe's tempo
+    transpose: int                          # +- semitones, kept inside the singer's range
+    mix_dbfs: tuple[float, float]           # mix RMS range (dBFS); the mix peak stays <= -1 dBFS
+    stem_gain_db: float                     # +- gain of each accompaniment stem
+    effects_p: float                        # share of songs with effects (EQ, compression, reverb, band limit)
+    eq_db: float                            # +- gain of a bass shelf, a treble shelf and one peaking band, per stem
+    compress_ratio: tuple[float, float]     # per-stem compressor ratio range (1 = none)
+    reverb: tuple[float, float]             # reverberance range (sox `reverb`, %), one room per song
+    lowpass_hz: tuple[float, float]         # song-wide band limit range; [0, 0] = none
+
+    def validate(self, key: str) -> None:
+        if not self.soundfonts: raise ConfigError(f"{key}.soundfonts: give at least one soundfont")
+        for name, (lo, hi) in (("tempo_factor", self.tempo_factor), ("mix_dbfs", self.mix_dbfs),
+                               ("compress_ratio", self.compress_ratio), ("reverb", self.reverb), ("lowpass_hz", self.lowpass_hz)):
+            if lo > hi: raise ConfigError(f"{key}.{name}: the range [{lo}, {hi}] is reversed")
+        if not (0.5 <= self.tempo_factor[0] and self.tempo_factor[1] <= 2.0): raise ConfigError(f"{key}.tempo_factor must lie in [0.5, 2]")
+        if self.mix_dbfs[1] > -1.0: raise ConfigError(f"{key}.mix_dbfs must stay below -1 dBFS (the peak limit)")
+        if not 0.0 <= self.effects_p <= 1.0: raise ConfigError(f"{key}.effects_p must be in [0, 1]")
+        if self.compress_ratio[0] < 1.0: raise ConfigError(f"{key}.compress_ratio must be >= 1")
+        if not (0.0 <= self.reverb[0] and self.reverb[1] <= 100.0): raise ConfigError(f"{key}.reverb must lie in [0, 100] (%)")
+        if self.lowpass_hz != (0.0, 0.0) and not 1000.0 <= self.lowpass_hz[0]:
+            raise ConfigError(f"{key}.lowpass_hz must be [0, 0] (none) or start at >= 1000 Hz")
+        if min(self.transpose, self.stem_gain_db, self.eq_db) < 0: raise ConfigError(f"{key}: transpose, stem_gain_db, eq_db are >= 0")
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    "The domain-shift test set (split `shift`): built and rendered by `render`, never trained on."
+    enabled: bool
+    seed: int
+    recipes: int                # freshly generated recipes (no score of the corpus), rendered with `variety`
+    music: tuple[str, ...]      # Debian game-music packages (`duotok.corpus.SHIFT_MUSIC`): accompaniment-only items
+    excerpts: int               # excerpts per package
+    excerpt_s: float
+    variety: VarietyConfig      # held-out pools: soundfonts and voice variants disjoint from `render.variety`
+
+@dataclass(frozen=True)
 class RenderConfig:
     songs_dir: str
-    soundfont: str
     workers: int
     max_songs: int              # 0 = all
     f0_tolerance_cents: float
-    f0_check_songs: int         # recipes whose vocal F0 is verified (spread over the corpus)
-    seed: int
+    f0_check_songs: int         # recipes whose vocal F0 is verified (spread over the corpus; as many of the shift set)
+    seed: int                   # with the song id, seeds each song's variation
+    variety: VarietyConfig      # train / val / test renders
+    shift: ShiftConfig
+
+    def validate(self, key: str) -> None:
+        held, used = self.shift.variety, self.variety
+        both = set(held.soundfonts) & set(used.soundfonts)
+        if both: raise ConfigError(f"{key}.shift.variety.soundfonts must be held out: {sorted(both)} also in {key}.variety")
+        for g, vs in held.voices.items():
+            both = set(vs) & set(used.voices.get(g, ()))
+            if both: raise ConfigError(f"{key}.shift.variety.voices.{g} must be held out: {sorted(both)} also in {key}.variety")
+
 
 # %% ../nbs/01_config.ipynb #a69cccb8
 @dataclass(frozen=True)
@@ -281,12 +341,14 @@ class CodebookConfig:
 @dataclass(frozen=True)
 class VAEConfig:
     pretrained: str             # "" = train; else a local diffusers-format Oobleck VAE folder
-    arch: str                   # "stft" (STFTVAE, the CPU default) or "oobleck" (DuoVAE, waveform Oobleck)
+    arch: str                   # "harmonic" (HarmonicVAE, the CPU default), "stft" (STFTVAE) or "oobleck" (DuoVAE)
     latent_dim: int
     width: int                  # stft: ConvNeXt channels
     layers: int                 # stft: ConvNeXt blocks in the encoder and in the decoder
     n_fft: int                  # stft: analysis/synthesis window (samples at 48 kHz)
     frame_hop: int              # stft: STFT hop (samples); must divide audio.vae_hop
+    phase: str                  # stft: "free" or "if" (running sum of a predicted instantaneous frequency); harmonic: "noise" too
+    harmonics: int              # harmonic: partials k * F0, k = 1..harmonics
     encoder_hidden_size: int
     decoder_channels: int
     downsampling_ratios: tuple[int, ...]

@@ -22,7 +22,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['seed_everything', 'freeze', 'assert_frozen', 'count_parameters', 'check_shape', 'atomic_write', 'atomic_path',
            'atomic_write_text', 'atomic_write_json', 'atomic_save_npy', 'git_sha', 'in_notebook', 'is_main',
-           'project_root', 'InputError']
+           'project_root', 'is_main_process', 'InputError']
 
 # %% ../nbs/00_core.ipynb #acaf0cb3
 def seed_everything(seed: int) -> None:
@@ -150,6 +150,10 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
     for q in [p, *p.parents]:
         if (q / "params.yaml").exists(): return q
     return p
+def is_main_process() -> bool:
+    """True on the process that writes files and logs: rank 0 under `torchrun` / `accelerate launch` (both set
+    `RANK`), or a single process. Usable before any process group exists (stages decide before `fit`)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 # %% ../nbs/00_core.ipynb #e2b91f07
 class InputError(ValueError):

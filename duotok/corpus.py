@@ -3,6 +3,7 @@
 # %% ../nbs/10_corpus.ipynb #5043b83e
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -20,20 +21,23 @@ from .audio import (MAX_DURATION_S, STANDARD_RATES, AudioError, audio_info, chec
 from .core import InputError
 
 # %% auto #0
-__all__ = ['STEMS', 'AUDIO_EXTS', 'SPLITS', 'SONG_KEYS', 'RECIPE_KEYS', 'SYLLABLE_KEYS', 'LENGTH_TOLERANCE_S', 'MIXTURE_NAMES',
-           'MAX_SONG_JSON_BYTES', 'SILENT_DBFS', 'VOCAB', 'BLANK_ID', 'UNK_ID', 'SPACE_ID', 'LANG_VOICE', 'WORDS',
-           'SYLLABLE_WORDS', 'PROGRAMS_OTHER', 'PROGRAMS_BASS', 'PROGRAMS_CHORALE', 'MAJOR', 'MINOR',
-           'POP_PROGRESSIONS', 'RHYTHMS', 'FOLK_LANGS', 'VALIDATE_EXIT_CODES', 'SongError', 'Problem', 'Syllable',
-           'Song', 'song_id', 'is_safe_id', 'discover_songs', 'normalize_lyrics', 'char_ids', 'lyric_oov',
-           'ids_to_text', 'read_song', 'ValidationReport', 'validate_corpus', 'load_stems', 'Part', 'write_midi',
-           'harmonise', 'accompany', 'chorale_source', 'folk_source', 'pop_source', 'timed_syllables', 'write_recipe',
-           'generate_corpus', 'main']
+__all__ = ['STEMS', 'AUDIO_EXTS', 'SPLITS', 'ACCOMPANIMENT', 'SONG_KEYS', 'RECIPE_KEYS', 'SYLLABLE_KEYS', 'LENGTH_TOLERANCE_S',
+           'MIXTURE_NAMES', 'MAX_SONG_JSON_BYTES', 'SILENT_DBFS', 'VOCAB', 'BLANK_ID', 'UNK_ID', 'SPACE_ID',
+           'LANG_VOICE', 'WORDS', 'SYLLABLE_WORDS', 'PROGRAMS_OTHER', 'PROGRAMS_BASS', 'PROGRAMS_CHORALE', 'MAJOR',
+           'MINOR', 'POP_PROGRESSIONS', 'RHYTHMS', 'FOLK_LANGS', 'SHIFT_MUSIC', 'RESERVED_MUSIC', 'SHIFT_STREAM',
+           'VALIDATE_EXIT_CODES', 'SongError', 'Problem', 'Syllable', 'Song', 'song_id', 'is_safe_id', 'discover_songs',
+           'normalize_lyrics', 'char_ids', 'lyric_oov', 'ids_to_text', 'read_song', 'ValidationReport',
+           'validate_corpus', 'load_stems', 'Part', 'write_midi', 'harmonise', 'accompany', 'chorale_source',
+           'folk_source', 'pop_source', 'timed_syllables', 'write_recipe', 'generate_corpus', 'package_version',
+           'music_excerpts', 'corpus_sources', 'build_shift_corpus', 'main']
 
 # %% ../nbs/10_corpus.ipynb #8cfc1d23
 STEMS = ("vocals", "drums", "bass", "other")
 AUDIO_EXTS = (".wav", ".flac")
-SPLITS = ("train", "val", "test")
-SONG_KEYS = {"title", "source", "licence", "license", "artist", "language", "split", "lyrics", "recipe", "tags", "id"}
+SPLITS = ("train", "val", "test", "shift")   # shift: the domain-shift test set, never trained on (docs/corpus.md)
+ACCOMPANIMENT = "accompaniment"              # an unseparated accompaniment file, instead of drums + bass + other
+SONG_KEYS = {"title", "source", "licence", "license", "artist", "language", "split", "lyrics", "recipe", "tags", "id",
+             "instrumental"}
 RECIPE_KEYS = {"voice", "vocal_gain_db", "duration_s", "tempo_bpm", "key", "programs", "kind", "voice_gender", "transpose"}
 SYLLABLE_KEYS = {"text", "start", "end", "word", "pitch"}
 LENGTH_TOLERANCE_S = 0.05   # stems may differ by this much (padded with zeros); more is an error
@@ -75,8 +79,13 @@ class Song:
     lyrics_text: str = ""
     split: str | None = None
     language: str = ""
+    instrumental: bool = False                  # no vocals: the rendered vocal stem is exactly silent
     @property
     def title(self) -> str: return self.meta.get("title", self.id)
+    @property
+    def acc_separated(self) -> bool:
+        "False when the accompaniment is one unseparated file (rendered as `other`, drums and bass silent)."
+        return ACCOMPANIMENT not in self.stems
 
 # %% ../nbs/10_corpus.ipynb #21dabae4
 def song_id(dir: Path, root: Path) -> str:
@@ -100,7 +109,8 @@ def _mixture_file(d: Path) -> Path | None:
     return next((p for p in (_audio_file(d, m) for m in MIXTURE_NAMES) if p is not None), None)
 
 def _is_song_dir(d: Path) -> bool:
-    return (d / "song.json").exists() or any(_stem_file(d, s) for s in STEMS) or _mixture_file(d) is not None
+    return ((d / "song.json").exists() or any(_stem_file(d, s) for s in STEMS + (ACCOMPANIMENT,))
+            or _mixture_file(d) is not None)
 
 def discover_songs(root: str | os.PathLike) -> list[Path]:
     "Song folders under `root`, sorted (deterministic). Raises `SongError` if `root` is missing."
@@ -263,7 +273,15 @@ def read_song(dir: str | os.PathLike, root: str | os.PathLike | None = None, dee
         problems.append(Problem(sid, str(jp), f"split {split!r} not one of {SPLITS}")); split = None
     kind = "recipe" if "recipe" in meta else "stems"
     language = meta.get("language", "")
-    song = Song(sid, dir, kind, meta, split=split, language=language if isinstance(language, str) else "")
+    instrumental = meta.get("instrumental", False)
+    if not isinstance(instrumental, bool):
+        problems.append(Problem(sid, str(jp), f"\"instrumental\" must be true or false, got {instrumental!r}")); instrumental = False
+    song = Song(sid, dir, kind, meta, split=split, language=language if isinstance(language, str) else "",
+                instrumental=instrumental)
+    if instrumental and kind == "recipe":
+        problems.append(Problem(sid, str(jp), "\"instrumental\" is for audio songs; a recipe is always sung"))
+    if instrumental and "lyrics" in meta:
+        problems.append(Problem(sid, str(jp), "an instrumental song has no lyrics: remove \"lyrics\" or \"instrumental\""))
     if "lyrics" in meta:
         song.syllables, song.lyrics_text = _parse_lyrics(meta["lyrics"], sid, str(jp), problems)
     if kind == "recipe":
@@ -280,16 +298,25 @@ def read_song(dir: str | os.PathLike, root: str | os.PathLike | None = None, dee
         if "lyrics" not in meta: problems.append(Problem(sid, str(jp), "recipe has no lyrics"))
     else:
         files = {stem: _stem_file(dir, stem) for stem in STEMS}
-        mix = _mixture_file(dir)
-        if mix is not None and not any(files.values()):
+        acc, mix = _stem_file(dir, ACCOMPANIMENT), _mixture_file(dir)
+        if mix is not None and not any(files.values()) and acc is None:
             problems.append(Problem(sid, str(mix), f"only a mixture ({mix.name}), no stems: duotok needs the four stems "
                                                    f"{', '.join(STEMS)}; separate the mixture into stems first "
                                                    "(mixture-only songs are not supported yet)"))
             return None, problems
+        if acc is not None and any(files[s] for s in STEMS[1:]):
+            problems.append(Problem(sid, str(acc), f"both {acc.name} and separate accompaniment stems "
+                                                   f"({', '.join(files[s].name for s in STEMS[1:] if files[s])}): give one or the other"))
+        if instrumental and files["vocals"] is not None:
+            problems.append(Problem(sid, str(files["vocals"]), "a vocal stem in a song marked \"instrumental\": remove one of them"))
+        wanted = (() if instrumental else ("vocals",)) + ((ACCOMPANIMENT,) if acc is not None else STEMS[1:])
+        files[ACCOMPANIMENT] = acc
         infos, peaks = {}, {}
-        for stem, p in files.items():
+        for stem in wanted:
+            p = files[stem]
             if p is None:
-                problems.append(Problem(sid, str(dir / f"{stem}.wav"), f"missing stem '{stem}' (.wav or .flac)")); continue
+                hint = " or mark the song \"instrumental\": true in song.json" if stem == "vocals" else ""
+                problems.append(Problem(sid, str(dir / f"{stem}.wav"), f"missing stem '{stem}' (.wav or .flac){hint}")); continue
             try:
                 i = check_audio_info(audio_info(p))        # header: rate, channels, duration, before reading samples
                 if deep:                                   # full read: truncation, NaN/Inf, silence
@@ -313,8 +340,8 @@ def read_song(dir: str | os.PathLike, root: str | os.PathLike | None = None, dee
             dur = max(v[0] for v in infos.values())
             late = [s for s in song.syllables if s.end is not None and s.end > dur + LENGTH_TOLERANCE_S]
             if late: problems.append(Problem(sid, str(jp), f"{len(late)} syllables end after the audio ({dur:.2f} s), first '{late[0].text}' at {late[0].end:.2f} s"))
-        if len(peaks) == len(STEMS) and max(peaks.values()) < 10 ** (SILENT_DBFS / 20):
-            problems.append(Problem(sid, str(dir), f"all four stems are silent (peak below {SILENT_DBFS:g} dBFS): "
+        if len(peaks) == len(wanted) and max(peaks.values()) < 10 ** (SILENT_DBFS / 20):
+            problems.append(Problem(sid, str(dir), f"all {'four ' if len(wanted) == 4 else ''}stems are silent (peak below {SILENT_DBFS:g} dBFS): "
                                                    "the song gives nothing to learn; check the files or remove the song", "warning"))
     unk, dropped = lyric_oov(song.lyrics_text)
     if unk or dropped:
@@ -390,16 +417,21 @@ def validate_corpus(root: str | os.PathLike, deep: bool = True, max_songs: int =
 
 # %% ../nbs/10_corpus.ipynb #e0cce9ea
 def load_stems(song: Song, sr: int) -> dict[str, np.ndarray]:
-    "Stem name -> (N,) float32 mono at `sr`, all the same length. Raises `SongError`/`AudioError`."
+    """Stem name -> (N,) float32 mono at `sr`, all the same length. Raises `SongError`/`AudioError`.
+    An instrumental song's `vocals` is exactly silent; an unseparated `accompaniment` file becomes `other`
+    (drums and bass exactly silent)."""
+    given = {ACCOMPANIMENT: "other"} if ACCOMPANIMENT in song.stems else {s: s for s in STEMS[1:]}
+    if not song.instrumental: given = {"vocals": "vocals", **given}
     out = {}
-    for stem in STEMS:
-        if stem not in song.stems: raise SongError(f"{song.dir}: missing stem '{stem}'")
-        x, _ = load_audio(song.stems[stem], sr=sr, mono=True)
+    for f, stem in given.items():
+        if f not in song.stems: raise SongError(f"{song.dir}: missing stem '{f}'")
+        x, _ = load_audio(song.stems[f], sr=sr, mono=True)
         out[stem] = x[0]
     n = max(len(v) for v in out.values())
     if n - min(len(v) for v in out.values()) > LENGTH_TOLERANCE_S * sr + 2:
         raise SongError(f"{song.dir}: stem length mismatch " + ", ".join(f"{k} {len(v) / sr:.3f} s" for k, v in out.items()))
-    return {k: np.pad(v, (0, n - len(v))) for k, v in out.items()}
+    return {k: np.pad(out[k], (0, n - len(out[k]))) if k in out else np.zeros(n, np.float32) for k in STEMS}
+
 
 # %% ../nbs/10_corpus.ipynb #4a92e68e
 LANG_VOICE = {"en": "en-us", "de": "de", "fr": "fr-fr", "it": "it", "es": "es", "nl": "nl", "ru": "ru"}
@@ -609,8 +641,8 @@ def timed_syllables(melody: list[tuple], spb: float, end_beat: float) -> tuple[l
             syls[-1]["end"] = round((st + du) * spb, 4)
     return syls, notes
 
-def write_recipe(out_dir: Path, src: dict, rng, kind: str, idx: int) -> dict:
-    "Turn a source (melody + harmony) into a recipe folder; returns its song.json."
+def write_recipe(out_dir: Path, src: dict, rng, kind: str, idx: int, split: str | None = None, tags: tuple = ()) -> dict:
+    "Turn a source (melody + harmony) into a recipe folder (`split`, extra `tags` in its song.json); returns its song.json."
     bar = src["bar"]
     tempo = float(rng.uniform(70, 100) if kind == "chorale" else rng.uniform(80, 132))
     spb = 60.0 / tempo
@@ -648,7 +680,7 @@ def write_recipe(out_dir: Path, src: dict, rng, kind: str, idx: int) -> dict:
     write_midi(out_dir / "drums.mid", [drums], tempo, end_beat)
     meta = dict(title=src["title"], source=src["source"],
                 licence="public domain (music21 corpus score); recipe CC0" if kind != "pop" else "CC0 (generated)",
-                language=lang, split=None, tags=[kind, "female" if female else "male"], lyrics=syls,
+                language=lang, split=split, tags=[kind, "female" if female else "male", *tags], lyrics=syls,
                 recipe=dict(kind=kind, voice=voice, voice_gender="female" if female else "male",
                             vocal_gain_db=round(float(rng.uniform(-6, 3)), 2), duration_s=round(end_beat * spb, 4),
                             tempo_bpm=round(tempo, 2), key=f"{['C','C#','D','Eb','E','F','F#','G','Ab','A','Bb','B'][(src['tonic'] + shift) % 12]} {'minor' if src['minor'] else 'major'}",
@@ -663,9 +695,12 @@ def _ordered(items: list, seed: int) -> list:
     return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 def generate_corpus(out: str | os.PathLike, n_songs: int = 160, seed: int = 0,
-                    shares: tuple[float, float, float] = (0.35, 0.3, 0.35), log=print) -> list[str]:
+                    shares: tuple[float, float, float] = (0.35, 0.3, 0.35), log=print, prefix: str = "",
+                    split: str | None = None, tags: tuple = (), exclude_sources=frozenset(), stream: tuple = ()) -> list[str]:
     """Write `n_songs` recipe folders under `out` (chorales, folk, pop in `shares`); returns their ids.
-    Deterministic in (n_songs, seed); folders already present for other ids are left alone."""
+    Deterministic in (n_songs, seed); folders already present for other ids are left alone. For other sets
+    than the embedded default: ids get `prefix`, song.json `split` and `tags`; scores whose `source` is in
+    `exclude_sources` are skipped; `stream` extends every song's seed (so generated pop songs differ too)."""
     from music21 import corpus
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     n_ch = int(round(shares[0] * n_songs)); n_fo = int(round(shares[1] * n_songs)); n_po = n_songs - n_ch - n_fo
@@ -675,9 +710,9 @@ def generate_corpus(out: str | os.PathLike, n_songs: int = 160, seed: int = 0,
     ids, ci, fi = [], 0, 0
     for kind, count in (("chorale", n_ch), ("folk", n_fo), ("pop", n_po)):
         for i in range(count):
-            rng = np.random.default_rng([seed, ("chorale", "folk", "pop").index(kind), i])
+            rng = np.random.default_rng([seed, ("chorale", "folk", "pop").index(kind), i, *stream])
             src = None
-            while src is None:
+            while src is None or (kind != "pop" and src["source"] in exclude_sources):
                 if kind == "chorale":
                     if ci >= len(chorales): raise SongError("ran out of usable chorales")
                     src = chorale_source(chorales[ci], rng); ci += 1
@@ -685,10 +720,101 @@ def generate_corpus(out: str | os.PathLike, n_songs: int = 160, seed: int = 0,
                     if fi >= len(folk): raise SongError("ran out of usable folk melodies")
                     src = folk_source(folk[fi][0], folk[fi][1], rng, FOLK_LANGS[i % len(FOLK_LANGS)]); fi += 1
                 else: src = pop_source(rng)
-            sid = f"{kind}-{i:04d}"
-            write_recipe(out / sid, src, rng, kind, i); ids.append(sid)
+            sid = f"{prefix}{kind}-{i:04d}"
+            write_recipe(out / sid, src, rng, kind, i, split, tags); ids.append(sid)
             if len(ids) % 20 == 0: log(f"[generate] {len(ids)}/{n_songs}")
     return ids
+
+# %% ../nbs/10_corpus.ipynb #5b1f7a02
+def _hyperrogue_info(p: Path) -> dict:
+    "Per-file facts of `hyperrogue-music` (/usr/share/doc/hyperrogue-music/copyright)."
+    artist = ("Will Savino" if p.stem.startswith("hr-savino") else "Lincoln Domina" if p.stem.startswith("hr-domina")
+              else "Shawn Parrotte")
+    return dict(title=f"HyperRogue: {p.stem}", artist=artist, licence="CC-BY-SA-3.0")
+
+def _warzone_info(p: Path) -> dict:
+    "Per-file facts of `warzone2100-music` (album.json and license.txt beside the files)."
+    album = json.loads((p.parent / "album.json").read_text())
+    t = next((t for t in album.get("tracks", []) if t.get("filename") == p.name), {})
+    gpl_only = p.parent.name == "original_soundtrack" or p.stem == "track3_enhanced"   # (derived from) the 1999 score
+    return dict(title=f"Warzone 2100, {album.get('title', p.parent.name)}: {t.get('title', p.stem)}",
+                artist=t.get("author", album.get("author", "")), licence="GPL-2+" if gpl_only else "CC-BY-SA-3.0+ or GPL-2+")
+
+SHIFT_MUSIC = {   # Debian package -> (glob of its music files, per-file facts)
+    "hyperrogue-music": ("/usr/share/hyperrogue/music/*.ogg", _hyperrogue_info),
+    "warzone2100-music": ("/usr/share/games/warzone2100/music/albums/*/*.opus", _warzone_info),
+}
+RESERVED_MUSIC = ("fretsonfire-songs", "singularity-music")   # kept for an independent check: never read here
+SHIFT_STREAM = 0x5417                                         # extends the generator's seeds for shift recipes
+
+def package_version(pkg: str) -> str:
+    "The installed version of a Debian package; `SongError` (with the install command) if it is missing."
+    import subprocess
+    try: r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError: return "unknown (no dpkg)"
+    if r.returncode != 0 or not r.stdout.strip():
+        raise SongError(f"Debian package {pkg} is not installed: `make setup` installs apt-packages.txt "
+                        f"(or: apt-get install {pkg})")
+    return r.stdout.strip()
+
+def music_excerpts(out: Path, packages, excerpts: int, excerpt_s: float, seed: int) -> list[str]:
+    "Write `excerpts` accompaniment-only songs per package (see above) under `out`; returns their ids."
+    ids = []
+    for pkg in packages:
+        if pkg.startswith(RESERVED_MUSIC): raise SongError(f"{pkg} is reserved for an independent check: duotok never uses it")
+        if pkg not in SHIFT_MUSIC: raise SongError(f"unknown shift music package {pkg!r}; known: {sorted(SHIFT_MUSIC)}")
+        pattern, facts = SHIFT_MUSIC[pkg]; version = package_version(pkg)
+        files = sorted(Path(p) for p in glob.glob(pattern))
+        if not files: raise SongError(f"{pkg} {version}: no file matches {pattern}")
+        rng = np.random.default_rng([seed, int(hashlib.sha256(pkg.encode()).hexdigest()[:8], 16)])
+        order = rng.permutation(len(files))
+        for k in range(excerpts):
+            f = files[order[k % len(files)]]
+            with sf.SoundFile(str(f)) as h:
+                sr, n = h.samplerate, int(round(excerpt_s * h.samplerate))
+                dur = h.frames / sr
+                if dur < excerpt_s: raise SongError(f"{f}: {dur:.1f} s, shorter than an excerpt ({excerpt_s:g} s)")
+                lo, hi = 0.1 * dur, max(0.1 * dur, 0.95 * dur - excerpt_s)
+                start = round(float(rng.uniform(lo, hi)) if dur * 0.85 >= excerpt_s else 0.0, 2)
+                h.seek(int(round(start * sr))); x = h.read(n, dtype="float64", always_2d=True).mean(1)
+            fade = np.minimum(1.0, np.minimum(np.arange(len(x)), np.arange(len(x))[::-1]) / (0.01 * sr))
+            sid = f"shift-{pkg}-{k:02d}"; d = out / sid; d.mkdir(parents=True, exist_ok=True)
+            sf.write(str(d / f"{ACCOMPANIMENT}.flac"), x * fade, sr, subtype="PCM_16")
+            meta = dict(**facts(f), source=f"Debian package {pkg} {version}: {f} [{start:.2f} s, {start + len(x) / sr:.2f} s]",
+                        language="", split="shift", instrumental=True, tags=["shift", "real-music", pkg])
+            (d / "song.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            ids.append(sid)
+    return ids
+
+def corpus_sources(root: str | os.PathLike) -> set[str]:
+    "The `source` of every song.json under `root` (all of them, readable ones; what the shift recipes must not reuse)."
+    out = set()
+    for d in discover_songs(root):
+        try: meta = json.loads((d / "song.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError): continue
+        if isinstance(meta, dict) and isinstance(meta.get("source"), str): out.add(meta["source"])
+    return out
+
+def build_shift_corpus(out: str | os.PathLike, recipes: int, music, excerpts: int, excerpt_s: float, seed: int,
+                       exclude_sources=(), log=print) -> list[str]:
+    "Write the shift set under `out` (rebuilt only when an input changed); returns its song ids."
+    out = Path(out)
+    key = dict(version=1, recipes=recipes, music=list(music), excerpts=excerpts, excerpt_s=excerpt_s, seed=seed,
+               packages={p: package_version(p) for p in music if p in SHIFT_MUSIC},
+               exclude=hashlib.sha256("\n".join(sorted(exclude_sources)).encode()).hexdigest()[:16])
+    kp = out / ".shift.json"
+    if kp.exists() and json.loads(kp.read_text()).get("key") == key:
+        return json.loads(kp.read_text())["ids"]
+    import shutil
+    if out.exists(): shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ids = generate_corpus(out, recipes, seed, prefix="shift-", split="shift", tags=("shift", "heldout-render"),
+                          exclude_sources=set(exclude_sources), stream=(SHIFT_STREAM,), log=log) if recipes else []
+    ids += music_excerpts(out, music, excerpts, excerpt_s, seed)
+    kp.write_text(json.dumps(dict(key=key, ids=ids), indent=1) + "\n")
+    log(f"[shift] built {len(ids)} songs under {out}")
+    return ids
+
 
 # %% ../nbs/10_corpus.ipynb #81187c02
 VALIDATE_EXIT_CODES = """exit status:
@@ -709,7 +835,16 @@ def main(argv=None) -> int:
     v.add_argument("root", nargs="?", default="data/songs")
     v.add_argument("--shallow", action="store_true", help="read headers only (faster; misses NaN, truncation, silence)")
     v.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    h = sub.add_parser("shift", help="write the domain-shift set of params.yaml's render.shift (what `render` builds)")
+    h.add_argument("--out", default="shift_songs"); h.add_argument("--params", default="params.yaml")
     a = ap.parse_args(argv)
+    if a.cmd == "shift":
+        from duotok.config import load_params
+        p = load_params(a.params).render; c = p.shift
+        try:
+            ids = build_shift_corpus(a.out, c.recipes, c.music, c.excerpts, c.excerpt_s, c.seed, corpus_sources(p.songs_dir))
+        except SongError as e: print(f"error: {e}", file=sys.stderr); return 2
+        print(f"wrote {len(ids)} shift songs to {a.out}"); return 0
     if a.cmd == "generate":
         ids = generate_corpus(a.out, a.n_songs, a.seed)
         print(f"wrote {len(ids)} recipes to {a.out}"); return 0

@@ -256,6 +256,7 @@ def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: st
             results[sid] = res
             if k % 10 == 0 or k == len(jobs): log(f"[preprocess] {k}/{len(jobs)} songs")
     if pool: pool.close(); pool.join()
+    results = dict(sorted(results.items()))   # song order, not the workers' completion order, reaches the outputs
     if not results:
         raise PreprocessError(f"no usable song in {render_root} ({len(rejected)} rejected: "
                               + "; ".join(f"{k}: {v[0]}" for k, v in list(rejected.items())[:5]) + ")")
@@ -270,7 +271,7 @@ def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: st
                               "remove \"split\" from some song.json files or add songs")
     width = max([r["lyric_width"] for r in results.values()] + [1])
     manifest_splits = {}
-    for name in ("train", "val", "test"):
+    for name in ("train", "val", "test", *sorted(set(split.values()) - {"train", "val", "test"})):   # + e.g. shift (never trained on)
         ids = sorted(s for s in results if split[s] == name)
         shards = write_shards([(tmp / s, results[s]["n"]) for s in ids], out, name, shard_size, width)
         manifest_splits[name] = dict(songs=ids, n_segments=sum(results[s]["n"] for s in ids), shards=shards)

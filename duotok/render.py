@@ -3,6 +3,7 @@
 # %% ../nbs/11_render.ipynb #734ace11
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,18 +22,20 @@ import numpy as np
 import soundfile as sf
 
 from .audio import load_audio, resample
+from .config import ShiftConfig, VarietyConfig
 from .core import atomic_write_json
-from .corpus import (STEMS, Problem, Song, SongError, Syllable, char_ids, is_safe_id, load_stems,
-                           normalize_lyrics, validate_corpus)
+from .corpus import (SHIFT_MUSIC, STEMS, Problem, Song, SongError, Syllable, build_shift_corpus, char_ids,
+                           corpus_sources, is_safe_id, load_stems, normalize_lyrics, validate_corpus)
 
 SR = 48000
-RENDER_VERSION = 5      # bump when the renderer's output changes
+RENDER_VERSION = 6      # bump when the renderer's output changes
 
 # %% auto #0
-__all__ = ['SR', 'RENDER_VERSION', 'Q24', 'GAP_S', 'TAIL_S', 'FP_MS', 'SYLLABLE_CACHE', 'N_MCEP', 'ESPEAK_TIMEOUT_S',
-           'import_pyworld', 'run_tool', 'quantize24', 'write_stems', 'lyric_timing', 'midi_events', 'midi_notes',
-           'render_parts', 'note_f0', 'sing_syllable', 'sing', 'F0Check', 'f0_track', 'f0_check', 'RenderSettings',
-           'song_hash', 'render_song', 'is_current', 'render_corpus']
+__all__ = ['SR', 'RENDER_VERSION', 'Q24', 'GAP_S', 'TAIL_S', 'DEFAULT_SOUNDFONT', 'SOUNDFONT_PACKAGES', 'FP_MS', 'SYLLABLE_CACHE',
+           'N_MCEP', 'ESPEAK_TIMEOUT_S', 'VOICE_RANGE', 'import_pyworld', 'run_tool', 'quantize24', 'write_stems',
+           'lyric_timing', 'midi_events', 'midi_notes', 'render_parts', 'note_f0', 'sing_syllable', 'sing', 'F0Check',
+           'f0_track', 'f0_check', 'Variation', 'draw_variation', 'espeak_catalogue', 'check_variety', 'sox_effects',
+           'vary', 'RenderSettings', 'song_hash', 'varied_score', 'render_song', 'is_current', 'render_corpus']
 
 # %% ../nbs/11_render.ipynb #761b6b0a
 def import_pyworld():
@@ -46,10 +49,11 @@ def import_pyworld():
     import pyworld
     return pyworld
 
-def run_tool(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run an external tool with stdin = /dev/null (it can never wait for the terminal) and a time limit;
-    stdout/stderr captured as bytes. Raises `RuntimeError` naming the tool if it is missing or times out."""
-    try: return subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+def run_tool(args: list[str], timeout: float, input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run an external tool with stdin = `input` or /dev/null (it can never wait for the terminal) and a time
+    limit; stdout/stderr captured as bytes. Raises `RuntimeError` naming the tool if it is missing or times out."""
+    try: return subprocess.run(args, stdin=None if input is not None else subprocess.DEVNULL, input=input,
+                               capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired: raise RuntimeError(f"{args[0]} did not finish within {timeout:g} s") from None
     except FileNotFoundError: raise RuntimeError(f"{args[0]} not found: install it (apt-packages.txt)") from None
 
@@ -119,10 +123,23 @@ def midi_notes(path: Path) -> list[tuple[float, float, int]]:
 GAP_S = 3.0
 TAIL_S = 1.0
 
-def render_parts(parts: dict[str, Path], length_s: float, soundfont: str, gain: float = 1.0) -> dict[str, np.ndarray]:
-    "Render MIDI parts (stem -> file) to mono 48 kHz arrays of `length_s` seconds with one fluidsynth call."
+DEFAULT_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
+SOUNDFONT_PACKAGES = {DEFAULT_SOUNDFONT: "fluid-soundfont-gm", "/usr/share/sounds/sf2/TimGM6mb.sf2": "timgm6mb-soundfont",
+                      "/usr/share/sounds/sf3/MuseScore_General_Full.sf3": "musescore-general-soundfont"}
+
+def _transposed(m, transpose: int):
+    "A note message moved by `transpose` semitones (the drum channel 10 and other messages unchanged)."
+    if not transpose or m.type not in ("note_on", "note_off") or m.channel == 9: return m
+    return m.copy(note=int(np.clip(m.note + transpose, 0, 127)))
+
+def render_parts(parts: dict[str, Path], length_s: float, soundfont: str, gain: float = 1.0, tempo_factor: float = 1.0,
+                 transpose: int = 0) -> dict[str, np.ndarray]:
+    """Render MIDI parts (stem -> file) to mono 48 kHz arrays of `length_s` seconds with one fluidsynth call,
+    `tempo_factor` times faster and `transpose` semitones higher (drums are not transposed)."""
     import mido
-    if not Path(soundfont).exists(): raise FileNotFoundError(f"soundfont {soundfont} not found (apt install fluid-soundfont-gm)")
+    if not Path(soundfont).exists():
+        raise SongError(f"soundfont {soundfont} not found (apt-get install {SOUNDFONT_PACKAGES.get(soundfont, 'the package that ships it')}; "
+                        "`make setup` installs apt-packages.txt)")
     tpb, tempo = 960, 500000                       # 1 tick = 1/1920 s
     mid = mido.MidiFile(ticks_per_beat=tpb); tr = mido.MidiTrack(); mid.tracks.append(tr)
     tr.append(mido.MetaMessage("set_tempo", tempo=tempo))
@@ -134,8 +151,9 @@ def render_parts(parts: dict[str, Path], length_s: float, soundfont: str, gain: 
             for cc, v in ((123, 0), (121, 0), (64, 0)):
                 evs.append((off, 0, mido.Message("control_change", channel=ch, control=cc, value=v)))
         for t, m in midi_events(parts[name]):
+            t = t / tempo_factor
             if t > length_s: continue
-            evs.append((off + t + 1e-4, 1, m))
+            evs.append((off + t + 1e-4, 1, _transposed(m, transpose)))
         for ch in range(16):                                 # nothing may sound past the song's end
             evs.append((off + length_s + 2e-4, 2, mido.Message("control_change", channel=ch, control=123, value=0)))
             evs.append((off + length_s + 2e-4, 2, mido.Message("control_change", channel=ch, control=120, value=0)))
@@ -147,8 +165,8 @@ def render_parts(parts: dict[str, Path], length_s: float, soundfont: str, gain: 
     with tempfile.TemporaryDirectory() as td:
         mp, wp = Path(td) / "all.mid", Path(td) / "all.wav"
         mid.save(str(mp))
-        r = run_tool(["fluidsynth", "-ni", "-g", str(gain), "-r", str(SR), "-F", str(wp), "-T", "wav", "-O", "float",
-                      soundfont, str(mp)], timeout=120 + 10 * len(names) * span)
+        r = run_tool(["fluidsynth", "-ni", "-g", str(gain), "-r", str(SR), "-o", "synth.dynamic-sample-loading=1",
+                      "-F", str(wp), "-T", "wav", "-O", "float", soundfont, str(mp)], timeout=120 + 10 * len(names) * span)
         if r.returncode != 0 or not wp.exists():
             raise RuntimeError(f"fluidsynth failed: {r.stderr.decode(errors='replace')[-500:]}")
         x, sr = sf.read(str(wp), dtype="float32", always_2d=True)
@@ -293,60 +311,184 @@ def f0_check(vocals: np.ndarray, sr: int, notes: list[tuple[float, float, int]],
     return F0Check(len(notes), n_voiced, int((errs_a <= tol_cents).sum()),
                    float(np.median(errs_a)) if len(errs) else float("nan"), [round(float(e), 1) for e in errs])
 
+# %% ../nbs/11_render.ipynb #7a11e002
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+
+VOICE_RANGE = {"female": (55, 84), "male": (40, 69)}   # MIDI notes a transposed sung line stays within
+
+@dataclass(frozen=True)
+class Variation:
+    "How one song is rendered (JSON-able; part of its cache key). The default is the plain render."
+    pool: str | None = None                 # "train" | "shift" | None (plain)
+    soundfont: str | None = DEFAULT_SOUNDFONT   # recipes only
+    voice: str | None = None                # espeak-ng voice instead of the recipe's
+    tempo_factor: float = 1.0
+    transpose: int = 0
+    stem_gain_db: tuple[float, ...] = (0.0, 0.0, 0.0)   # drums, bass, other
+    mix_dbfs: float | None = None           # mix RMS; None = as rendered
+    effects: dict | None = None             # {"eq": {stem: [bass, treble, peak_hz, peak_db]}, "compress": {stem: ratio},
+                                            #  "reverb": reverberance, "lowpass_hz": Hz}; None = none
+    def to_json(self) -> dict: return json.loads(json.dumps(dataclasses.asdict(self)))
+
+def _draws(seed: int, sid: str, what: str) -> np.random.Generator:
+    return np.random.default_rng([seed, int(hashlib.sha256(f"{sid}|{what}".encode()).hexdigest()[:15], 16)])
+
+def _transpose_limits(song: Song, gender: str | None) -> tuple[int, int]:
+    "Semitone shifts that keep the sung line inside the singer's range (never narrower than [0, 0])."
+    if gender not in VOICE_RANGE or "vocals" not in song.parts: return (0, 0)
+    p = [n[2] for n in midi_notes(song.parts["vocals"])]
+    if not p: return (0, 0)
+    lo, hi = VOICE_RANGE[gender]
+    return min(0, lo - min(p)), max(0, hi - max(p))
+
+def draw_variation(song: Song, v: VarietyConfig, seed: int, pool: str) -> Variation:
+    "The song's variation from the pools and ranges of `v` (see above)."
+    if song.kind != "recipe" and pool == "shift": return Variation(pool=pool, soundfont=None)
+    d = lambda what: _draws(seed, f"{pool}|{song.id}", what)
+    gains = tuple(round(float(g), 2) for g in d("stem_gain").uniform(-v.stem_gain_db, v.stem_gain_db, 3))
+    level = round(float(d("level").uniform(*v.mix_dbfs)), 2)
+    effects = None
+    e = d("effects")
+    if e.random() < v.effects_p:
+        db = lambda: round(float(e.uniform(-v.eq_db, v.eq_db)), 2)
+        effects = dict(eq={s: [db(), db(), round(float(np.exp(e.uniform(np.log(200), np.log(4000)))), 1), db()] for s in STEMS}
+                       if v.eq_db > 0 else None,
+                       compress={s: round(float(e.uniform(*v.compress_ratio)), 2) for s in STEMS} if v.compress_ratio[1] > 1 else None,
+                       reverb=round(float(e.uniform(*v.reverb)), 1) if v.reverb[1] > 0 else None,
+                       lowpass_hz=round(float(e.uniform(*v.lowpass_hz))) if v.lowpass_hz[1] > 0 else None)
+    if song.kind != "recipe":
+        return Variation(pool=pool, soundfont=None, stem_gain_db=gains, mix_dbfs=level, effects=effects)
+    rec = song.meta.get("recipe", {})
+    base, _, variant = str(rec.get("voice", "en-us")).partition("+")
+    if v.dialects.get(song.language): base = str(d("dialect").choice(v.dialects[song.language]))
+    if v.voices.get(rec.get("voice_gender")): variant = str(d("voice").choice(v.voices[rec["voice_gender"]]))
+    lo, hi = _transpose_limits(song, rec.get("voice_gender"))
+    k = int(np.clip(d("transpose").integers(-v.transpose, v.transpose + 1), lo, hi))
+    return Variation(pool=pool, soundfont=str(v.soundfonts[d("soundfont").integers(len(v.soundfonts))]),
+                     voice=base + (f"+{variant}" if variant else ""), tempo_factor=round(float(d("tempo").uniform(*v.tempo_factor)), 4),
+                     transpose=k, stem_gain_db=gains, mix_dbfs=level, effects=effects)
+
+@lru_cache(maxsize=1)
+def espeak_catalogue() -> tuple[frozenset, frozenset]:
+    "(language voices, variants) espeak-ng knows (`espeak-ng --voices`, `--voices=variant`)."
+    langs = run_tool(["espeak-ng", "--voices"], 60).stdout.decode(errors="replace").splitlines()[1:]
+    vars_ = run_tool(["espeak-ng", "--voices=variant"], 60).stdout.decode(errors="replace").splitlines()[1:]
+    return (frozenset(l.split()[1] for l in langs if len(l.split()) > 1),
+            frozenset(l.split()[4].removeprefix("!v/") for l in vars_ if len(l.split()) > 4))
+
+def check_variety(v: VarietyConfig, key: str = "render.variety") -> None:
+    "Every soundfont exists and every voice is one espeak-ng has; raises `SongError` naming the value."
+    for f in v.soundfonts:
+        if not Path(f).is_file():
+            raise SongError(f"{key}.soundfonts: {f} not found (apt-get install {SOUNDFONT_PACKAGES.get(f, 'the package that ships it')}; "
+                            "`make setup` installs apt-packages.txt)")
+    langs, variants = espeak_catalogue()
+    for lang, vs in v.dialects.items():
+        bad = [x for x in vs if x not in langs]
+        if bad: raise SongError(f"{key}.dialects.{lang}: {bad} are not espeak-ng voices (`espeak-ng --voices` lists them)")
+    for g, vs in v.voices.items():
+        bad = [x for x in vs if x not in variants]
+        if bad: raise SongError(f"{key}.voices.{g}: {bad} are not espeak-ng variants (`espeak-ng --voices=variant` lists them)")
+
+def _chain(eff: dict, stem: str, rms_db: float) -> list[str]:
+    "The sox effects of one stem (see above); `rms_db` = the stem's RMS level as sox sees it."
+    out = []
+    if eff.get("eq"):
+        b, t, f, g = eff["eq"][stem]; out += ["bass", f"{b}", "100", "treble", f"{t}", "5000", "equalizer", f"{f}", "1q", f"{g}"]
+    r = (eff.get("compress") or {}).get(stem, 1.0)
+    if r > 1:
+        th = round(rms_db, 2); out += ["compand", "0.005,0.1", f"6:-120,-120,{th},{th},0,{round(th - th / r, 2)}", "0", f"{th}", "0"]
+    if eff.get("reverb"): out += ["reverb", f"{eff['reverb']}", "50", "100", "100", "10", "-3"]
+    if eff.get("lowpass_hz"): out += ["lowpass", f"{eff['lowpass_hz']}"] * 2
+    return out
+
+def sox_effects(x: np.ndarray, effects: list[str], sr: int = SR) -> np.ndarray:
+    """Run mono float audio through a sox effects chain (same length out). The input is scaled to a 0.25 peak
+    and back, so sox's fixed-point pipeline neither clips nor loses resolution."""
+    x = np.asarray(x, np.float64); peak = float(np.abs(x).max()) if x.size else 0.0
+    if not effects or peak == 0: return x
+    s = 0.25 / peak
+    r = run_tool(["sox", "-D", "-V1", "-t", "f32", "-r", str(sr), "-c", "1", "-", "-t", "f32", "-", *effects],
+                 60 + len(x) / sr, input=(x * s).astype(np.float32).tobytes())
+    if r.returncode != 0: raise RuntimeError(f"sox {' '.join(effects)} failed: {r.stderr.decode(errors='replace')[-300:]}")
+    y = np.frombuffer(r.stdout, np.float32).astype(np.float64) / s
+    return np.pad(y, (0, max(len(x) - len(y), 0)))[:len(x)]
+
+def vary(stems: dict[str, np.ndarray], v: Variation, sr: int = SR) -> dict[str, np.ndarray]:
+    "Stem gains, effects and mix level of `v` applied to the four stems (float64 out)."
+    out = {s: np.asarray(x, np.float64) for s, x in stems.items()}
+    for s, g in zip(STEMS[1:], v.stem_gain_db): out[s] = out[s] * 10 ** (g / 20)
+    if v.effects:
+        out = {s: sox_effects(x, _chain(v.effects, s, 20 * np.log10(0.25 * _rms(x) / max(np.abs(x).max(), 1e-12) + 1e-12)), sr)
+               for s, x in out.items()}
+    m = _rms(sum(out.values()))
+    if v.mix_dbfs is not None and m > 0: out = {s: x * (10 ** (v.mix_dbfs / 20) / m) for s, x in out.items()}
+    return out
+
+
 # %% ../nbs/11_render.ipynb #14f2e2d3
 @dataclass(frozen=True)
 class RenderSettings:
-    soundfont: str = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
+    variation: Variation = Variation()
     f0_tolerance_cents: float = 50.0
     check_f0: bool = False
 
 def song_hash(song: Song, settings: RenderSettings) -> str:
-    "Hash of everything the rendered output depends on (inputs + settings + renderer version)."
-    h = hashlib.sha256(f"v{RENDER_VERSION}|{settings.soundfont}|{song.id}".encode())
+    "Hash of everything the rendered audio depends on (inputs + the song's variation + renderer version)."
+    v = json.dumps(settings.variation.to_json(), sort_keys=True)
+    h = hashlib.sha256(f"v{RENDER_VERSION}|{v}|{song.id}".encode())
     jp = song.dir / "song.json"
     if jp.exists(): h.update(jp.read_bytes())
-    for stem in STEMS:
-        if stem in song.parts: h.update(song.parts[stem].read_bytes())
-        if stem in song.stems:
-            st = song.stems[stem].stat(); h.update(f"{song.stems[stem].name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for stem, p in sorted(song.parts.items()): h.update(p.read_bytes())
+    for stem, p in sorted(song.stems.items()):
+        st = p.stat(); h.update(f"{stem}|{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
 
-def _lufs_free_rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+def varied_score(song: Song, v: Variation) -> tuple[list[Syllable], list[tuple[float, float, int]], float]:
+    "A recipe's (syllables, vocal notes, length in s incl. the tail) after the variation's tempo and key change."
+    f, k = v.tempo_factor, v.transpose
+    notes = [(st / f, en / f, p + k) for st, en, p in midi_notes(song.parts["vocals"])]
+    syl = [Syllable(s.text, None if s.start is None else s.start / f, None if s.end is None else s.end / f, s.word,
+                    None if s.pitch is None else s.pitch + k) for s in song.syllables]
+    dur = song.meta.get("recipe", {}).get("duration_s")
+    if not (dur or notes):
+        raise SongError(f"{song.parts['vocals']}: no notes and no recipe duration_s: nothing gives the song a length")
+    return syl, notes, (float(dur) / f if dur else max(n[1] for n in notes)) + TAIL_S
 
 def render_song(song: Song, out_dir: Path, settings: RenderSettings = RenderSettings()) -> dict:
-    "Render (recipe) or pass through (stems) one song into `out_dir`; returns its `render.json` record."
-    t0 = time.time()
+    "Render (recipe) or pass through (stems) one song with its variation into `out_dir`; returns its `render.json` record."
+    t0 = time.time(); v = settings.variation
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     rec = song.meta.get("recipe", {}) if song.kind == "recipe" else {}
-    f0 = None
+    f0, notes, syllables = None, [], song.syllables
     if song.kind == "stems":
         stems = load_stems(song, SR)
     else:
-        ends = [n[1] for n in midi_notes(song.parts["vocals"])]
-        if not (rec.get("duration_s") or ends):
-            raise SongError(f"{song.parts['vocals']}: no notes and no recipe duration_s: nothing gives the song a length")
-        length = float(rec.get("duration_s") or max(ends)) + TAIL_S
-        stems = render_parts({s: song.parts[s] for s in ("drums", "bass", "other")}, length, settings.soundfont)
-        notes = midi_notes(song.parts["vocals"])
-        voice = rec.get("voice", "en-us")
-        vocals = sing(song.syllables, notes, voice, length)
-        acc_rms = _lufs_free_rms(sum(stems.values())); v_rms = _lufs_free_rms(vocals)
+        syllables, notes, length = varied_score(song, v)
+        stems = render_parts({s: song.parts[s] for s in ("drums", "bass", "other")}, length, v.soundfont or DEFAULT_SOUNDFONT,
+                             tempo_factor=v.tempo_factor, transpose=v.transpose)
+        vocals = sing(syllables, notes, v.voice or rec.get("voice", "en-us"), length)
+        acc_rms = _rms(sum(stems.values())); v_rms = _rms(vocals)
         if v_rms > 0 and acc_rms > 0: vocals = vocals * (acc_rms / v_rms) * 10 ** (float(rec.get("vocal_gain_db", 0.0)) / 20)
         elif v_rms > 0: vocals = vocals * (0.1 / v_rms)
         stems["vocals"] = vocals
-    q = write_stems(out_dir, stems)
+    q = write_stems(out_dir, vary(stems, v))
     if song.kind == "recipe" and settings.check_f0:
-        c = f0_check(q["vocals"], SR, midi_notes(song.parts["vocals"]), settings.f0_tolerance_cents)
+        c = f0_check(q["vocals"], SR, notes, settings.f0_tolerance_cents)
         f0 = dict(n_notes=c.n_notes, n_voiced=c.n_voiced, n_pass=c.n_pass, pass_rate=c.pass_rate,
                   cents_median_abs=c.cents_median_abs, errors_cents=c.errors_cents)
-    timing = lyric_timing(song.syllables) if song.syllables else dict(syllables=[], words=[], chars=[], text=normalize_lyrics(song.lyrics_text))
-    atomic_write_json(out_dir / "lyrics.json", dict(song=song.id, language=song.language, timed=bool(timing["chars"]), **timing))
+    timing = lyric_timing(syllables) if syllables else dict(syllables=[], words=[], chars=[], text=normalize_lyrics(song.lyrics_text))
+    atomic_write_json(out_dir / "lyrics.json", dict(song=song.id, language=song.language, timed=bool(timing["chars"]), **timing,
+                                                    notes=[[round(a, 4), round(b, 4), int(p)] for a, b, p in notes]))
     n = len(q["mix"])
     record = dict(id=song.id, hash=song_hash(song, settings), kind=song.kind, title=song.title,
-                  source=song.meta.get("source", str(song.dir)), licence=song.meta.get("licence", song.meta.get("license", "")),
-                  language=song.language, split=song.split, tags=song.meta.get("tags", []), sample_rate=SR,
-                  duration_s=n / SR, stem_rms={s: _lufs_free_rms(q[s]) for s in STEMS}, f0=f0,
+                  artist=song.meta.get("artist", ""), source=song.meta.get("source", str(song.dir)),
+                  licence=song.meta.get("licence", song.meta.get("license", "")),
+                  language=song.language, split=song.split, tags=song.meta.get("tags", []),
+                  instrumental=song.instrumental, acc_separated=song.acc_separated, sample_rate=SR,
+                  duration_s=n / SR, stem_rms={s: _rms(q[s]) for s in STEMS},
+                  mix_dbfs=round(20 * np.log10(max(_rms(q["mix"]), 1e-12)), 2), variation=v.to_json(), f0=f0,
                   render_s=round(time.time() - t0, 3))
     atomic_write_json(out_dir / "render.json", record)
     return record
@@ -361,6 +503,7 @@ def is_current(song: Song, out_dir: Path, settings: RenderSettings) -> dict | No
     if settings.check_f0 and song.kind == "recipe" and rec.get("f0") is None: return None
     if not all((Path(out_dir) / f"{k}.flac").exists() for k in list(STEMS) + ["mix"]): return None
     return rec
+
 
 # %% ../nbs/11_render.ipynb #64100957
 def _work(args):
@@ -382,16 +525,29 @@ def _materialise(src: Path, dst: Path) -> None:
             try: os.link(f, dst / f.name)
             except OSError: shutil.copy2(f, dst / f.name)
 
-def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "outputs/render", workers: int = 2,
-                  max_songs: int = 0, soundfont: str = RenderSettings.soundfont, f0_tolerance_cents: float = 50.0,
-                  f0_check_songs: int = 8, cache_root: str | os.PathLike | None = None, log=print) -> dict:
-    """Validate the corpus, render what changed, and write `out_root/songs/<id>/`, `index.json`,
-    `rejected.json` and `report.json`; returns the summary metrics.
+def _spread(ids: list[str], k: int) -> set[str]:
+    "`k` ids spread evenly over the list."
+    step = max(len(ids) // k, 1) if k > 0 else 0
+    return set(ids[::step][:k]) if step else set()
 
-    Songs are rendered into `cache_root` (default: `.render_cache` next to `out_root`, i.e.
-    `outputs/.render_cache`, which is not a DVC output and so survives DVC deleting `outputs/render`
-    before a run) and hard-linked into `out_root`; a song whose hash matches its cached render is not
-    rendered again."""
+def _f0_summary(recs: list[dict], tol: float) -> dict:
+    "Voiced notes and those within `tol` cents (recounted from the stored errors, so a new tolerance needs no render)."
+    f0s = [r["f0"] for r in recs if r.get("f0")]
+    n_v = sum(f["n_voiced"] for f in f0s); n_p = sum(sum(abs(e) <= tol for e in f["errors_cents"]) for f in f0s)
+    return dict(songs=len(f0s), voiced_notes=n_v, pass_notes=n_p, pass_rate=n_p / n_v if n_v else None)
+
+def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "outputs/render", workers: int = 2,
+                  max_songs: int = 0, f0_tolerance_cents: float = 50.0, f0_check_songs: int = 8,
+                  cache_root: str | os.PathLike | None = None, log=print, variety: VarietyConfig | None = None,
+                  seed: int = 0, shift: ShiftConfig | None = None) -> dict:
+    """Validate the corpus (and build the shift set when `shift.enabled`), render what changed, and write
+    `out_root/songs/<id>/`, `index.json`, `rejected.json` and `report.json`; returns the summary metrics.
+
+    Each song is rendered with its variation: drawn from `variety` (train / val / test songs) or from
+    `shift.variety` (songs of split `shift`), or the plain render when no variety is given. Songs are
+    rendered into `cache_root` (default: `.render_cache` next to `out_root`, i.e. `outputs/.render_cache`,
+    which is not a DVC output and so survives DVC deleting `outputs/render` before a run) and hard-linked
+    into `out_root`; a song whose hash (inputs + variation) matches its cached render is not rendered again."""
     import shutil
     global SYLLABLE_CACHE
     t0 = time.time(); out_root = Path(out_root)
@@ -402,20 +558,33 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
         raise SongError(f"{songs_dir}: no usable song among {rep.n_found} song folders: "
                         + "; ".join(f"{p.path}: {p.message}" if p.song else p.message for p in rep.errors[:3])
                         + f"; `python -m duotok.corpus validate {songs_dir}` lists every problem")
+    for v, key in ((variety, "render.variety"), (shift.variety if shift and shift.enabled else None, "render.shift.variety")):
+        if v is not None: check_variety(v, key)
+    for p in rep.problems: log(str(p))
+    rejected = dict(rep.rejected); songs = list(rep.songs)
+    if shift is not None and shift.enabled:               # the domain-shift set: a corpus built from params
+        ids = build_shift_corpus(cache / "shift_songs", shift.recipes, shift.music, shift.excerpts, shift.excerpt_s, shift.seed,
+                                 corpus_sources(songs_dir), log=log)
+        srep = validate_corpus(cache / "shift_songs", deep=True, max_songs=max_songs)   # max_songs: per set
+        for p in srep.problems:
+            if p.song: log(str(p))                        # (its corpus-wide split warnings do not apply)
+        clash = {s.id for s in srep.songs} & {s.id for s in songs}
+        if clash: raise SongError(f"{songs_dir}: song ids {sorted(clash)} are also ids of the shift set: rename them")
+        rejected.update(srep.rejected); songs += srep.songs
+        log(f"[render] shift set: {len(srep.songs)} of {len(ids)} songs usable")
     (out_root / "songs").mkdir(parents=True, exist_ok=True); (cache / "songs").mkdir(parents=True, exist_ok=True)
     SYLLABLE_CACHE = cache / "syllables"
-    for p in rep.problems: log(str(p))
-    rejected = dict(rep.rejected)
-    recipes = [s.id for s in rep.songs if s.kind == "recipe"]
-    step = max(len(recipes) // f0_check_songs, 1) if f0_check_songs > 0 else 0
-    checked = set(recipes[::step][:f0_check_songs]) if step else set()
+    recipes = [s.id for s in songs if s.kind == "recipe" and s.split != "shift"]
+    checked = _spread(recipes, f0_check_songs) | _spread([s.id for s in songs if s.kind == "recipe" and s.split == "shift"], f0_check_songs)
     todo, records = [], {}
-    for s in rep.songs:
-        st = RenderSettings(soundfont, f0_tolerance_cents, s.id in checked)
+    for s in songs:
+        pool = "shift" if s.split == "shift" and shift is not None and shift.enabled else "train"
+        vcfg = shift.variety if pool == "shift" else variety
+        st = RenderSettings(draw_variation(s, vcfg, seed, pool) if vcfg is not None else Variation(), f0_tolerance_cents, s.id in checked)
         cached = is_current(s, cache / "songs" / s.id, st)
         if cached is not None: records[s.id] = cached
         else: todo.append((s, cache / "songs" / s.id, st))
-    log(f"[render] {len(rep.songs)} songs valid ({len(rejected)} rejected), {len(records)} up to date, {len(todo)} to render "
+    log(f"[render] {len(songs)} songs valid ({len(rejected)} rejected), {len(records)} up to date, {len(todo)} to render "
         f"on {workers} workers")
     done = n_ok = 0
     if todo:
@@ -437,20 +606,33 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
         for d in (cache / "songs").iterdir():
             if d.is_dir() and d.name not in records and d.name not in rejected: shutil.rmtree(d, ignore_errors=True)
     for sid in records: _materialise(cache / "songs" / sid, out_root / "songs" / sid)
-    songs = [records[k] for k in sorted(records)]
-    f0s = [r["f0"] for r in songs if r.get("f0")]
-    n_v, n_p = sum(f["n_voiced"] for f in f0s), sum(f["n_pass"] for f in f0s)
-    report = dict(f0_songs=len(f0s), f0_voiced_notes=n_v, f0_pass_notes=n_p,
-                  f0_pass_rate=(n_p / n_v if n_v else None), f0_tolerance_cents=f0_tolerance_cents,
-                  per_song={r["id"]: r["f0"] for r in songs if r.get("f0")})
-    atomic_write_json(out_root / "index.json", dict(songs=songs, sample_rate=SR, stems=list(STEMS)))
+    recs = [records[k] for k in sorted(records)]
+    main, sh = [r for r in recs if r["split"] != "shift"], [r for r in recs if r["split"] == "shift"]
+    f0m, f0s = _f0_summary(main, f0_tolerance_cents), _f0_summary(sh, f0_tolerance_cents)
+    minutes = {}
+    for r in sh:                                          # per source: Debian package, held-out renders, other
+        src = next((t for t in r["tags"] if t in SHIFT_MUSIC or t == "heldout-render"), "other")
+        m = minutes.setdefault(src, dict(songs=0, minutes=0.0, licences=[]))
+        m["songs"] += 1; m["minutes"] = round(m["minutes"] + r["duration_s"] / 60, 3)
+        if r["licence"] not in m["licences"]: m["licences"].append(r["licence"])
+    report = dict(f0_songs=f0m["songs"], f0_voiced_notes=f0m["voiced_notes"], f0_pass_notes=f0m["pass_notes"],
+                  f0_pass_rate=f0m["pass_rate"], f0_tolerance_cents=f0_tolerance_cents,
+                  shift_f0=f0s, shift_sources=minutes, per_song={r["id"]: r["f0"] for r in recs if r.get("f0")})
+    atomic_write_json(out_root / "index.json", dict(songs=recs, sample_rate=SR, stems=list(STEMS)))
     atomic_write_json(out_root / "rejected.json", rejected)
     atomic_write_json(out_root / "report.json", report)
-    hours = sum(r["duration_s"] for r in songs) / 3600
-    metrics = dict(songs=len(songs), rendered=n_ok, cached=len(songs) - n_ok, rejected=len(rejected), hours=round(hours, 4),
-                   recipes=sum(r["kind"] == "recipe" for r in songs), audio_songs=sum(r["kind"] == "stems" for r in songs),
-                   f0_pass_rate=report["f0_pass_rate"] if report["f0_pass_rate"] is not None else float("nan"),
-                   f0_voiced_notes=n_v, render_wall_s=round(time.time() - t0, 2))
-    log(f"[render] {metrics['songs']} songs ({hours * 60:.1f} min), {metrics['rejected']} rejected, F0 check: "
-        + (f"{n_p}/{n_v} voiced notes within {f0_tolerance_cents:g} cents ({100 * n_p / n_v:.1f}%)" if n_v else "no recipe checked"))
+    hours = sum(r["duration_s"] for r in main) / 3600
+    nan = float("nan")
+    metrics = dict(songs=len(main), rendered=n_ok, cached=len(recs) - n_ok, rejected=len(rejected), hours=round(hours, 4),
+                   recipes=sum(r["kind"] == "recipe" for r in main), audio_songs=sum(r["kind"] == "stems" for r in main),
+                   f0_pass_rate=f0m["pass_rate"] if f0m["pass_rate"] is not None else nan, f0_voiced_notes=f0m["voiced_notes"],
+                   render_wall_s=round(time.time() - t0, 2))
+    if sh: metrics.update(shift_songs=len(sh), shift_minutes=round(sum(r["duration_s"] for r in sh) / 60, 3))
+    if f0s["voiced_notes"]: metrics.update(shift_f0_pass_rate=f0s["pass_rate"], shift_f0_voiced_notes=f0s["voiced_notes"])
+    log(f"[render] {metrics['songs']} songs ({hours * 60:.1f} min) + {len(sh)} shift songs ({sum(r['duration_s'] for r in sh) / 60:.1f} min), "
+        f"{metrics['rejected']} rejected, F0 check: "
+        + (f"{f0m['pass_notes']}/{f0m['voiced_notes']} voiced notes within {f0_tolerance_cents:g} cents "
+           f"({100 * f0m['pass_rate']:.1f}%)" if f0m["voiced_notes"] else "no recipe checked")
+        + (f", shift {f0s['pass_notes']}/{f0s['voiced_notes']}" if f0s["voiced_notes"] else ""))
     return metrics
+

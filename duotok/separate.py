@@ -5,9 +5,9 @@
 # %% ../nbs/46_separate.ipynb #f73126e6
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
+import pkgutil
 from pathlib import Path
 from typing import Callable
 
@@ -109,10 +109,10 @@ def load_separator(spec: str | os.PathLike | None = None, package: str | os.Path
             spec_ = importlib.util.spec_from_file_location(Path(mod).stem, mod)
             if spec_ is None or not Path(mod).exists(): raise FileNotFoundError(f"{mod}: no such file")
             m = importlib.util.module_from_spec(spec_); spec_.loader.exec_module(m)
-        else:
-            m = importlib.import_module(mod)
-        f = getattr(m, fn)
-    except (ImportError, AttributeError, FileNotFoundError) as e:
+            f = getattr(m, fn)
+        else:       # user code outside the package (not a stage's DVC dep): pkgutil resolves 'module:function'
+            f = pkgutil.resolve_name(s)
+    except (ImportError, AttributeError, FileNotFoundError, ValueError) as e:
         raise ValueError(f"--separator {s!r}: cannot load it ({type(e).__name__}: {e})") from None
     if not callable(f): raise ValueError(f"--separator {s!r}: {fn} is not callable")
     return f

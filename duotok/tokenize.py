@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ DATASET_FORMAT = "duotok-token-dataset"
 # %% auto #0
 __all__ = ['AUDIO_EXT', 'STEM_ROLES', 'MIX_NAMES', 'DATASET_FORMAT', 'SongSource', 'find_audio', 'folder_source',
            'manifest_sources', 'read_sources', 'match_lengths', 'load_stem_files', 'load_song_stems', 'encode_source',
-           'tokenize_songs', 'encoder_fingerprint', 'make_plan', 'shard_path', 'check_plan', 'clean_partial',
-           'shard_done', 'write_shard', 'write_index', 'tokenize_dataset', 'TokenDataset', 'load_tokens',
-           'validate_for_tokenize']
+           'tokenize_songs', 'encoder_fingerprint', 'make_plan', 'tokenize_code', 'shard_path', 'check_plan',
+           'remove_dataset', 'clean_partial', 'shard_done', 'write_shard', 'write_index', 'tokenize_dataset',
+           'TokenDataset', 'load_tokens', 'validate_for_tokenize']
 
 # %% ../nbs/47_tokenize.ipynb #27ad83eb
 @dataclass
@@ -243,7 +244,13 @@ def make_plan(source, songs: Sequence[SongSource], tok, shard_size: int, separat
     if shard_size < 1: raise InputError(f"shard size must be >= 1, got {shard_size}")
     return {"format": DATASET_FORMAT, "version": 1, "source": str(source), "shard_size": int(shard_size),
             "tokenizer": encoder_fingerprint(tok), "separator": separator or "builtin",
-            "n_shards": -(-len(songs) // shard_size), "songs": [s.to_json() for s in songs]}
+            "n_shards": -(-len(songs) // shard_size), "songs": [s.to_json() for s in songs], "code": tokenize_code()}
+
+
+def tokenize_code() -> dict[str, str]:
+    "Hashes of the package files tokenization runs (`duotok.stage.code_hashes`): a resume needs the same code."
+    from duotok.stage import code_hashes, import_closure, package_dir
+    return code_hashes(import_closure([package_dir() / "tokenize.py"]))
 
 
 def shard_path(out: Path, k: int, ext: str = "npz") -> Path:
@@ -251,20 +258,43 @@ def shard_path(out: Path, k: int, ext: str = "npz") -> Path:
 
 
 def check_plan(out: Path, plan: dict) -> None:
-    """Write `out/plan.json`, or check that the one there is the same plan (else `InputError`: a dataset made from
-    another source / tokenizer / shard size is never overwritten)."""
+    """Write `out/plan.json`, or check that the one there is the same plan, else `ResumeMismatch` naming what changed
+    (`duotok.stage.resume_problems`: source, tokenizer, shard size, the song list, the code): a dataset made
+    otherwise is never finished or overwritten under the new configuration."""
+    from duotok.checkpoint import ResumeMismatch
+    from duotok.stage import resume_problems
     p = Path(out) / "plan.json"
     if p.exists():
         try: old = json.loads(p.read_text())
         except ValueError: old = None
-        if old != json.loads(json.dumps(plan)):
-            diff = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
-            raise InputError(f"{out} holds a token dataset made with another plan (differs in: {', '.join(diff)}); "
-                             "tokenize into a new folder (nothing was changed here)")
+        new = json.loads(json.dumps(plan))
+        if old != new:
+            if not isinstance(old, dict): problems = [f"{p} is not readable JSON"]
+            else:
+                rest = lambda d: {k: v for k, v in d.items() if k not in ("songs", "code")}
+                problems = resume_problems({"params": rest(old), "code": old.get("code", {})},
+                                           {"params": rest(new), "code": new["code"]})
+                if old.get("songs") != new["songs"]:
+                    problems.append(f"songs: the source lists {len(new['songs'])} songs, the dataset "
+                                    f"{len(old.get('songs') or [])}" + (" (other files or order)" if
+                                    len(new["songs"]) == len(old.get("songs") or []) else ""))
+            raise ResumeMismatch(f"{out} holds a token dataset made with another configuration: {'; '.join(problems)}. "
+                                 "Resuming would mix two configurations (nothing was changed here). To start over: the "
+                                 "same command with --restart (deletes that dataset); to resume it: restore the old values.")
         return
     if p.parent.exists() and any(p.parent.iterdir()):
         raise InputError(f"{out} exists and is not a token dataset (no plan.json); give a new or empty folder")
     atomic_write_json(p, plan)
+
+
+def remove_dataset(out: Path) -> bool:
+    "`--restart`: delete the token dataset in `out` (its plan, shards, index, rejects); a folder without plan.json is left alone."
+    out = Path(out)
+    if not (out / "plan.json").exists(): return False
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    for f in ("index.json", "rejects.jsonl", "plan.json"): (out / f).unlink(missing_ok=True)
+    clean_partial(out)
+    return True
 
 
 def clean_partial(out: Path) -> list[Path]:
@@ -355,11 +385,11 @@ def _dist_setup(world: int):
 
 def tokenize_dataset(source, out, model, shard_size: int = 16, workers: int = 1, separator=None, device: str = "cpu",
                      encode_kw: dict | None = None, pad: bool = False, rank: int | None = None, world: int | None = None,
-                     progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+                     progress: bool = True, log: Callable[[str], None] | None = None, restart: bool = False) -> dict:
     """Tokenize `source` into the dataset folder `out` (see the top of this notebook). `separator`: None / "builtin"
     (the package's), a spec for `duotok.separate.load_separator`, or a callable (one worker). Returns a summary:
     songs, rejected, shards done / skipped by this process, audio seconds, wall seconds, audio s per s, and on rank 0
-    the index."""
+    the index. A dataset folder made with another plan is refused (`check_plan`); `restart` deletes it first."""
     from duotok import distributed as D
     from tqdm.auto import tqdm
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -379,6 +409,7 @@ def tokenize_dataset(source, out, model, shard_size: int = 16, workers: int = 1,
         sep_name = separator_name(separator)
     plan = make_plan(source, songs, tok, shard_size, None if sep_name is None else str(sep_name))
     if rank == 0:
+        if restart and remove_dataset(out): log(f"[tokenize] --restart: deleted the token dataset in {out}")
         check_plan(out, plan)
         clean_partial(out)
     if dist is not None: dist.barrier()

@@ -21,29 +21,37 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 from .config import flatten, to_dict
-from .core import git_sha, project_root
+from .core import git_sha, is_main_process, project_root
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'tracking_uri', 'artifact_root', 'NullTracker', 'MlflowTracker', 'start_run', 'read_history',
-           'free_port', 'ui_command', 'serve_ui', 'main']
+__all__ = ['EXPERIMENT', 'tracking_root', 'tracking_uri', 'artifact_root', 'NullTracker', 'MlflowTracker', 'open_store',
+           'close_dead_runs', 'start_run', 'read_history', 'free_port', 'ui_command', 'serve_ui', 'main']
 
 # %% ../nbs/03_tracking.ipynb #3466a0be
+def tracking_root(root: str | os.PathLike | None = None) -> Path:
+    """The folder of `mlruns.db` and `mlruns/`. Under DVC, the repository DVC runs for (`DVC_ROOT`, set for every
+    stage; `dvc exp run --queue` points it at the main repository while the stage runs in a temporary copy, so
+    queued experiments, and the report notebook reading them, use the same store); else `root` if given; else
+    the project root."""
+    if os.environ.get("DVC_ROOT"): return Path(os.environ["DVC_ROOT"])
+    return Path(root) if root else project_root()
+
 def tracking_uri(root: str | os.PathLike | None = None) -> str:
-    "MLFLOW_TRACKING_URI if set, else SQLite `mlruns.db` in the project root."
+    "MLFLOW_TRACKING_URI if set, else SQLite `mlruns.db` in `tracking_root(root)`."
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri: return uri
-    return f"sqlite:///{(Path(root) if root else project_root()) / 'mlruns.db'}"
+    return f"sqlite:///{tracking_root(root).resolve() / 'mlruns.db'}"
 
 def artifact_root(root: str | os.PathLike | None = None) -> str:
-    "Where new experiments put artifacts: `mlruns/` in the project root."
-    return str(((Path(root) if root else project_root()) / "mlruns").resolve())
+    "Where new experiments put artifacts: `mlruns/` in `tracking_root(root)`."
+    return str((tracking_root(root) / "mlruns").resolve())
 
 EXPERIMENT = os.environ.get("DUOTOK_EXPERIMENT", "duotok")
 
 # %% ../nbs/03_tracking.ipynb #5aab08f4
 class NullTracker:
-    "Tracker that logs nothing anywhere, but remembers what it got (for tests)."
-    def __init__(self): self.metrics, self.params, self.artifacts, self.tags = [], {}, [], {}
+    "Tracker that logs nothing anywhere, but remembers what it got (for tests, and on ranks other than 0)."
+    def __init__(self): self.metrics, self.params, self.artifacts, self.tags, self.timings = [], {}, [], {}, {}
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.metrics.append((step, dict(metrics)))
     def log_params(self, params: dict[str, Any]) -> None: self.params.update(params)
@@ -51,6 +59,12 @@ class NullTracker:
         self.artifacts.append((str(path), artifact_path))
     def log_figure(self, fig, name: str) -> None: self.artifacts.append((name, "figure"))
     def set_tags(self, tags: dict[str, Any]) -> None: self.tags.update(tags)
+    def log_time(self, key: str, seconds: float) -> None:
+        """A wall-clock duration (seconds): logged as the metric `time/<key>` and kept in `.timings`, which
+        `duotok.stage` writes to `outputs/.runs/<stage>.json`. Durations never go into a DVC output: they differ
+        from run to run, and a changed file changes the output's hash."""
+        self.timings[key] = round(float(seconds), 3)
+        self.log_metrics({f"time/{key}": float(seconds)})
     @property
     def run_id(self) -> str | None: return None
     def last(self, key: str) -> float | None:
@@ -82,39 +96,97 @@ class MlflowTracker(NullTracker):
     def set_tags(self, tags): self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 # %% ../nbs/03_tracking.ipynb #901005fb
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first touch of a SQLite store across processes. MLflow creates and migrates the schema the
+    first time a process opens the store; two processes doing it at once on a fresh `mlruns.db` fail with
+    `duplicate column name: step`. A file lock beside the database makes one of them wait."""
+    if not uri.startswith("sqlite:///"):
+        yield; return
+    from filelock import FileLock
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=600): yield
+
 def _ensure_experiment(mlflow, name: str, root=None) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None: return exp.experiment_id
     return mlflow.create_experiment(name, artifact_location=Path(artifact_root(root)).as_uri())
 
+def open_store(root=None) -> str:
+    "Point mlflow at this project's store (created under the lock if new) and return the experiment id."
+    import mlflow
+    uri = tracking_uri(root)
+    with _store_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        return _ensure_experiment(mlflow, EXPERIMENT, root)
+
+def _process_alive(pid: int, since: float) -> bool:
+    "Is process `pid` running and older than `since` (epoch s)? A younger one reuses a dead run's pid."
+    import psutil
+    try: return psutil.Process(pid).create_time() <= since + 1.0
+    except psutil.Error: return False
+
+def close_dead_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED every RUNNING run that a process on this host opened and that process is gone (`kill -9`,
+    out of memory, power loss): such a run could never close itself. Runs of live processes or other hosts
+    are left alone. Returns the ids closed."""
+    from mlflow.tracking import MlflowClient
+    client, host, closed = MlflowClient(), socket.gethostname(), []
+    for r in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        pid = r.data.tags.get("duotok.pid", "")
+        if r.data.tags.get("duotok.host") != host or not pid.isdigit(): continue
+        if _process_alive(int(pid), r.info.start_time / 1000): continue
+        client.set_terminated(r.info.run_id, "KILLED")
+        closed.append(r.info.run_id)
+    return closed
+
 @contextlib.contextmanager
 def start_run(stage: str, cfg: Any = None, nested: bool = False, tags: dict | None = None,
-              root: str | os.PathLike | None = None) -> Iterator[MlflowTracker]:
-    """Open an MLflow run named after the DVC stage, log the flattened config, git sha and stage name.
-    `cfg` may be a dataclass (e.g. `Params`) or a dict."""
+              root: str | os.PathLike | None = None) -> Iterator[NullTracker]:
+    """Open an MLflow run named after the DVC stage; log the flattened config, git sha, stage name, host and
+    pid (and the DVC experiment name under `dvc exp run`). `cfg` may be a dataclass (e.g. `Params`) or a dict.
+
+    Only rank 0 opens a run (`is_main_process`); other ranks of `torchrun` / `accelerate launch` get a
+    `NullTracker` and never touch the store. The run ends FINISHED, FAILED on an exception, or KILLED on
+    `KeyboardInterrupt` (Ctrl-C; `duotok.stage` turns SIGTERM into one). Runs left RUNNING by dead processes
+    are closed as KILLED first (`close_dead_runs`)."""
+    if not is_main_process():
+        yield NullTracker(); return
     import mlflow
-    mlflow.set_tracking_uri(tracking_uri(root))
-    exp_id = _ensure_experiment(mlflow, EXPERIMENT, root)
-    with mlflow.start_run(run_name=stage, experiment_id=exp_id, nested=nested) as run:
+    exp_id = open_store(root)
+    close_dead_runs(exp_id)
+    run = mlflow.start_run(run_name=stage, experiment_id=exp_id, nested=nested)
+    try:
         t = MlflowTracker(run)
-        t.set_tags({"dvc.stage": stage, "git.sha": git_sha(root) or "unknown", **(tags or {})})
+        dvc = {k: os.environ[e] for k, e in (("dvc.exp_name", "DVC_EXP_NAME"), ("dvc.baseline_rev", "DVC_EXP_BASELINE_REV"))
+               if os.environ.get(e)}
+        t.set_tags({"dvc.stage": stage, "git.sha": git_sha(root) or "unknown", "duotok.host": socket.gethostname(),
+                    "duotok.pid": os.getpid(), **dvc, **(tags or {})})
         if cfg is not None:
             d = cfg if isinstance(cfg, dict) else to_dict(cfg)
             t.log_params(flatten(d))
         yield t
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED"); raise
+    except BaseException:
+        mlflow.end_run("FAILED"); raise
+    mlflow.end_run("FINISHED")
 
 def read_history(stage: str | None = None, root: str | os.PathLike | None = None,
                  keys: list[str] | None = None):
-    """Metric histories of the latest run of each stage (or one stage) as a pandas DataFrame with
+    """Metric histories of the latest finished run of each stage (or one stage) as a pandas DataFrame with
     columns stage, run_id, key, step, value."""
     import mlflow, pandas as pd
     from mlflow.tracking import MlflowClient
-    mlflow.set_tracking_uri(tracking_uri(root))
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(EXPERIMENT)
     cols = ["stage", "run_id", "key", "step", "value"]
+    with _store_lock(tracking_uri(root)):
+        mlflow.set_tracking_uri(tracking_uri(root))
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None: return pd.DataFrame(columns=cols)
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=500)
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=500)
     rows, seen = [], set()
     for r in runs:
         s = r.data.tags.get("dvc.stage", r.info.run_name)

@@ -23,11 +23,12 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .checkpoint import ResumeMismatch, changed_keys, resumable_state, resume_dir
+from .config import TrainConfig, to_dict
 from .core import atomic_write_json
 
 # %% auto #0
-__all__ = ['NonFiniteLossError', 'FitResult', 'warmup_cosine', 'resume_dir', 'weighted_loss', 'evaluate_loss', 'fit']
+__all__ = ['NonFiniteLossError', 'FitResult', 'warmup_cosine', 'weighted_loss', 'evaluate_loss', 'fit']
 
 # %% ../nbs/05_train.ipynb #661420bd
 class NonFiniteLossError(FloatingPointError):
@@ -48,10 +49,6 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> flo
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-def resume_dir(out_dir: str | os.PathLike) -> Path:
-    "Where `fit` keeps the resumable state of the stage writing `out_dir` (outside DVC's outs)."
-    out_dir = Path(out_dir)
-    return out_dir.parent / ".resume" / out_dir.name
 
 # %% ../nbs/05_train.ipynb #73daccd3
 def weighted_loss(out: dict[str, torch.Tensor], lambdas: dict[str, float]) -> torch.Tensor:
@@ -68,7 +65,7 @@ def _mean_metrics(acc: dict[str, list[float]]) -> dict[str, float]:
 def _as_float(v) -> float:
     return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
 
-def _save_state(accelerator: Accelerator, state: Path, step: int) -> None:
+def _save_state(accelerator: Accelerator, state: Path, step: int, fingerprint: dict) -> None:
     "Save the Accelerate state to a temp folder, then swap it in (a kill never leaves a half state)."
     tmp, old = state.with_name(state.name + ".tmp"), state.with_name(state.name + ".old")
     if accelerator.is_main_process and tmp.exists(): shutil.rmtree(tmp)
@@ -76,16 +73,28 @@ def _save_state(accelerator: Accelerator, state: Path, step: int) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(tmp / "step.json", {"step": step})
+        atomic_write_json(tmp / "step.json", {"step": step, "fit": fingerprint})
         if state.exists(): os.replace(state, old)
         os.replace(tmp, state)
         if old.exists(): shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
-def _find_state(state: Path) -> Path | None:
-    for p in (state, state.with_name(state.name + ".old")):
-        if (p / "step.json").exists(): return p
-    return None
+def _fingerprint(model: nn.Module, cfg: TrainConfig, lambdas: dict, lr_mult: dict) -> dict:
+    "What a state is valid for: the training config, objective weights, and every parameter's shape and trainability."
+    return json.loads(json.dumps({
+        "train": to_dict(cfg), "lambdas": dict(lambdas), "lr_mult": dict(lr_mult),
+        "params": {n: [*p.shape, "trainable" if p.requires_grad else "frozen"] for n, p in model.named_parameters()},
+        "buffers": {n: list(b.shape) for n, b in model.named_buffers()}}))
+
+def _check_resume(found: Path, fingerprint: dict) -> int:
+    "The step of the state in `found`; ResumeMismatch if it was made with another configuration."
+    saved = json.loads((found / "step.json").read_text())
+    diffs = changed_keys(saved.get("fit", {}), fingerprint)
+    if diffs:
+        raise ResumeMismatch(f"{found.parent} holds a training state made with another configuration: "
+                             f"{'; '.join(diffs)}. Delete that folder to start over (a stage: re-run it with --restart), "
+                             "or restore the old configuration to resume.")
+    return saved["step"]
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loss_fn: Callable, loader: Iterable, max_batches: int | None = None) -> dict[str, float]:
@@ -114,13 +123,16 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
     `on_step(step, model)` runs before each step (e.g. progressive freezing) and may return metrics.
     `lr_mult` {parameter-name prefix: factor} scales the learning rate of the matching parameters (first
     matching prefix wins; e.g. a head trained from scratch next to a pretrained encoder).
-    Resumes from `resume_dir(out_dir)` if a state is there. Logs `train/<k>`, `val/<k>`, `lr`."""
+    Resumes from `resume_dir(out_dir)/state` if a state is there and was made with the same configuration
+    (else `ResumeMismatch`). Logs `train/<k>`, `val/<k>`, `lr`."""
     out_dir = Path(out_dir)
-    state = resume_dir(out_dir)
+    state = resume_dir(out_dir) / "state"
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    # without cpu=True Accelerate ignores torchrun's WORLD_SIZE on a machine without accelerators
+    # without cpu=True Accelerate ignores torchrun's WORLD_SIZE on a machine without accelerators;
+    # step_scheduler_with_optimizer=False: Accelerate would otherwise step a prepared scheduler once per *process*
+    # at every optimizer step, so under N processes warmup + cosine would run N x faster than `cfg.steps` says
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp],
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     set_seed(cfg.seed, device_specific=True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -134,14 +146,14 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
     opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if d else 0.0, "lr": cfg.lr * f}
                              for (d, f), ps in groups.items()], lr=cfg.lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps))
+    fingerprint = _fingerprint(model, cfg, lambdas, lr_mult)
+    found = resumable_state(out_dir)
+    step = resumed = _check_resume(found, fingerprint) if found is not None else 0   # before loading anything
     model, opt, train_loader, sched = accelerator.prepare(model, opt, train_loader, sched)
     raw = accelerator.unwrap_model(model)
 
-    step, resumed = 0, 0
-    found = _find_state(state)
     if found is not None:
         accelerator.load_state(str(found))
-        step = resumed = json.loads((found / "step.json").read_text())["step"]
         accelerator.print(f"[fit] resuming {out_dir.name} from step {step} ({found})")
 
     def validate() -> dict[str, float]:
@@ -189,10 +201,10 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
                                          "train/steps_per_s": (step - resumed) / max(1e-9, time.time() - t0)}, step=step)
                 bar.set_postfix(loss=f"{last_train['loss']:.4f}")
             if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps: val_metrics = validate()
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps: _save_state(accelerator, state, step)
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps: _save_state(accelerator, state, step, fingerprint)
         epoch += 1
     bar.close()
     if step > resumed or not val_metrics: val_metrics = validate()
-    _save_state(accelerator, state, step)
+    _save_state(accelerator, state, step, fingerprint)
     accelerator.wait_for_everyone()
     return FitResult(raw, step, last_train, val_metrics, resumed, accelerator.num_processes)

@@ -26,8 +26,9 @@ downstream stages in isolated experiment workspaces):
     dvc exp run --queue -S finetune.noise.p=0.0 -S finetune.train.steps=20
     dvc exp run --queue -S finetune.noise.p=0.3 -S finetune.train.steps=20
     dvc exp run --queue -S finetune.noise.p=0.6 -S finetune.train.steps=20
-    dvc queue start -j 1 && dvc exp show --only-changed
-    # or, in one line, DVC's own grid syntax: dvc exp run --queue -S 'finetune.noise.p=range(0, 0.7, 0.3)'
+    dvc queue start -j 1
+    dvc exp show --drop '.*' --keep 'Experiment|State|kbps|lm/dual/overall/ppl_1024|lm/v2a/acc/ppl_1024|recon/(vocals|acc)/mel_l1$|finetune\\.noise\\.p'
+    # or, in one line, DVC's own grid syntax: dvc exp run --queue -S 'finetune.noise.p=0.0,0.3,0.6'
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ import argparse
 import itertools
 import json
 import os
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -71,14 +74,39 @@ def notebook_parameters(point: dict, fixed: dict) -> dict:
     return params
 
 
+# The columns `dvc exp show` keeps by default (it has ~550 otherwise): the experiment, its state, the bitrate and
+# the headline results of eval/metrics.json; the swept params are added. README "Experiments" uses the same.
+EXP_SHOW_KEEP = r"Experiment|State|kbps|lm/dual/overall/ppl_1024|lm/v2a/acc/ppl_1024|recon/(vocals|acc)/mel_l1$"
+
+
+def hydra_value(v) -> str:
+    "A value as DVC's `-S key=value` (Hydra override grammar) reads it back: YAML scalars, JSON-style lists."
+    if isinstance(v, str):
+        return v if v and all(c.isalnum() or c in "_-./" for c in v) else json.dumps(v)
+    return json.dumps(v)
+
+
+def exp_show_command(keys) -> str:
+    "`dvc exp show` narrowed to the headline columns + the params in `keys`."
+    extra = "".join("|" + re.escape(k) for k in keys)
+    return "dvc exp show --drop '.*' --keep " + shlex.quote(EXP_SHOW_KEEP + extra)
+
+
 def dvc_commands(points: list[dict]) -> list[str]:
-    "The equivalent `dvc exp run --queue` commands (dotted keys only)."
-    cmds = []
+    """The equivalent `dvc exp run --queue` commands (dotted keys only), then `dvc queue start` and a readable
+    `dvc exp show`. Keys with a `/` (loss weights such as `finetune.lambdas.asr/ctc`) cannot be set with `-S`
+    (Hydra's grammar has no `/` in keys): such a point is printed as a comment saying so."""
+    cmds, keys = [], []
     for p in points:
-        sets = " ".join(f"-S {k}={v}" for k, v in p.items() if "." in k)
-        if sets:
-            cmds.append(f"dvc exp run --queue {sets}")
-    return cmds + (["dvc queue start -j 1", "dvc exp show --only-changed"] if cmds else [])
+        dotted = {k: v for k, v in p.items() if "." in k}
+        bad = [k for k in dotted if "/" in k]
+        if bad:
+            cmds.append(f"# not expressible with dvc exp run -S (key with '/'): {bad}; edit params.yaml and run `dvc exp run`")
+            continue
+        if dotted:
+            cmds.append("dvc exp run --queue " + " ".join("-S " + shlex.quote(f"{k}={hydra_value(v)}") for k, v in dotted.items()))
+            keys += [k for k in dotted if k not in keys]
+    return cmds + (["dvc queue start -j 1", exp_show_command(keys)] if keys else [])
 
 
 def main(argv=None) -> int:

@@ -29,19 +29,9 @@ from duotok.distributed import objective_loss, on_rank0, rank, world_size
 from duotok.tracking import NullTracker
 from duotok.train import fit, weighted_loss
 
-import duotok.train as _train
-
-# Accelerate steps a prepared LR scheduler once per *process* at every optimizer step (AcceleratedScheduler with
-# step_scheduler_with_optimizer=True and split_batches=False), so under N processes the warmup + cosine schedule of
-# `duotok.train.fit` runs N x faster than `cfg.steps` says (measured here: the curves leave the one-process curve at
-# the first step after warmup). The fix is one keyword in fit (`Accelerator(..., step_scheduler_with_optimizer=False)`:
-# `sched.step()` once per optimizer step); until fit passes it, this script passes it, so the comparison below tests
-# the objectives and the data path.
-_Accelerator = _train.Accelerator
-def _accelerator(*args, **kw):
-    kw.setdefault("step_scheduler_with_optimizer", False)
-    return _Accelerator(*args, **kw)
-_train.Accelerator = _accelerator
+# `duotok.train.fit` steps the LR schedule once per optimizer step whatever the number of processes
+# (`Accelerator(step_scheduler_with_optimizer=False)`); the 2-process curves below would leave the 1-process curve
+# right after warmup otherwise.
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from duotok.corpus import (STEMS, UNK_ID, VOCAB, SongError, char_ids, discover_songs, generate_corpus, ids_to_text,
-                           load_stems, main, normalize_lyrics, read_song, validate_corpus)
+from duotok.corpus import (STEMS, UNK_ID, VOCAB, SongError, build_shift_corpus, char_ids, discover_songs, generate_corpus,
+                           ids_to_text, load_stems, main, music_excerpts, normalize_lyrics, read_song, validate_corpus)
 
 
 def make_song(d: Path, sr=44100, secs=2.0, channels=2, lengths=None, meta=None, subtype="FLOAT", seed=0):
@@ -137,3 +137,56 @@ def test_cli_validate_exit_code(tmp_path, capsys):
     assert main(["validate", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "bad" in out and "length mismatch" in out and "1 rejected" in out
+
+
+def test_instrumental_and_accompaniment_only_songs(tmp_path):
+    "No vocal stem is fine when song.json says instrumental; an unseparated accompaniment replaces drums+bass+other."
+    def acc_song(name, meta=None, vocals=False, drums=False):
+        d = tmp_path / name; d.mkdir()
+        x = (0.1 * np.random.default_rng(0).standard_normal((44100, 2))).astype("float32")
+        sf.write(d / "accompaniment.flac", x, 44100)
+        if vocals: sf.write(d / "vocals.wav", x, 44100)
+        if drums: sf.write(d / "drums.wav", x, 44100)
+        if meta is not None: (d / "song.json").write_text(json.dumps(meta))
+    acc_song("inst", {"instrumental": True})
+    acc_song("karaoke", {"lyrics": "la la"}, vocals=True)                    # vocals + accompaniment: fine
+    acc_song("no_vocals")                                                     # not marked instrumental
+    acc_song("inst_with_vocals", {"instrumental": True}, vocals=True)
+    acc_song("both_acc", {"instrumental": True}, drums=True)
+    acc_song("inst_lyrics", {"instrumental": True, "lyrics": "la"})
+    acc_song("inst_str", {"instrumental": "yes"})
+    rep = validate_corpus(tmp_path)
+    assert sorted(s.id for s in rep.songs) == ["inst", "karaoke"]
+    s = {x.id: x for x in rep.songs}
+    assert s["inst"].instrumental and not s["inst"].acc_separated and not s["karaoke"].instrumental and not s["karaoke"].acc_separated
+    x = load_stems(s["inst"], 48000)
+    assert set(x) == set(STEMS) and np.abs(x["vocals"]).max() == 0 == np.abs(x["drums"]).max() and np.std(x["other"]) > 0.05
+    assert np.std(load_stems(s["karaoke"], 48000)["vocals"]) > 0.05
+    assert "missing stem 'vocals'" in messages(rep, "no_vocals") and '"instrumental": true' in messages(rep, "no_vocals")
+    assert "a vocal stem in a song marked" in messages(rep, "inst_with_vocals")
+    assert "give one or the other" in messages(rep, "both_acc")
+    assert "has no lyrics" in messages(rep, "inst_lyrics")
+    assert "must be true or false" in messages(rep, "inst_str")
+
+
+def test_shift_corpus_is_held_out_and_cached(tmp_path):
+    args = dict(recipes=2, music=["hyperrogue-music", "warzone2100-music"], excerpts=1, excerpt_s=3.0, seed=1, log=lambda *_: None)
+    ids = build_shift_corpus(tmp_path / "a", **args)
+    rep = validate_corpus(tmp_path / "a")
+    s = {x.id: x for x in rep.songs}
+    assert sorted(ids) == sorted(s) and not rep.errors and len(ids) == 4, rep.format()
+    assert all(x.split == "shift" and "shift" in x.meta["tags"] and x.meta["licence"] for x in s.values())
+    music = [x for x in s.values() if "real-music" in x.meta["tags"]]
+    assert len(music) == 2 and all(x.instrumental and not x.acc_separated for x in music)
+    assert {x.meta["licence"] for x in music} <= {"CC-BY-SA-3.0", "CC-BY-SA-3.0+ or GPL-2+", "GPL-2+"}
+    assert all(abs(sf.info(x.stems["accompaniment"]).duration - 3.0) < 1e-3 and "Debian package" in x.meta["source"] for x in music)
+    chorale = s["shift-chorale-0000"].meta["source"]
+    # a score the main corpus uses is never drawn again; the folder is rebuilt only when an input changed
+    ids_b = build_shift_corpus(tmp_path / "b", exclude_sources={chorale}, **args)
+    assert json.loads((tmp_path / "b" / "shift-chorale-0000" / "song.json").read_text())["source"] != chorale and len(ids_b) == 4
+    before = tree_hash(tmp_path / "a"); mtime = (tmp_path / "a" / ids[-1] / "accompaniment.flac").stat().st_mtime_ns
+    assert build_shift_corpus(tmp_path / "a", **args) == ids
+    assert tree_hash(tmp_path / "a") == before and (tmp_path / "a" / ids[-1] / "accompaniment.flac").stat().st_mtime_ns == mtime
+    assert build_shift_corpus(tmp_path / "a", **{**args, "excerpt_s": 2.0}) == ids and tree_hash(tmp_path / "a") != before
+    for reserved in ("fretsonfire-songs-muldjord", "singularity-music"):
+        with pytest.raises(SongError, match="reserved"): music_excerpts(tmp_path / "c", [reserved], 1, 3.0, 0)

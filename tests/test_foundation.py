@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from duotok.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from duotok.checkpoint import CheckpointError, load_checkpoint, resumable_state, save_checkpoint
 from duotok.config import ConfigError, Params, TrainConfig, load_params, to_dict, from_dict
-from duotok.train import NonFiniteLossError, fit, resume_dir
+from duotok.train import NonFiniteLossError, fit
 from duotok.tracking import NullTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ fit(torch.nn.Linear(4, 1), loss, loader, cfg, {str(tmp_path / 'out' / 'toy')!r},
 """)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 17, r.stderr
-    state = resume_dir(tmp_path / "out" / "toy")
+    state = resumable_state(tmp_path / "out" / "toy")
     assert json.loads((state / "step.json").read_text())["step"] == 10
     loader, cfg = _toy(20)
     loss = lambda m, b: {"reg/mse": ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean()}
@@ -150,6 +150,17 @@ def test_start_run_logs_config_sha_and_stage(tmp_path, monkeypatch):
     assert r.data.params["ssl.encoder.width"] == str(p.ssl.encoder.width)
     h = read_history("ssl", root=tmp_path)
     assert list(h.sort_values("step")["value"]) == [2.0, 1.0]
+
+
+def test_processes_opening_a_fresh_store_at_once_do_not_race(tmp_path):
+    "MLflow migrates a new SQLite schema on first use; unserialised, a second process fails (`duplicate column name`)."
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh.db'}"}
+    code = "import sys; from duotok.tracking import open_store; print(open_store(sys.argv[1]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1, "one experiment, created once"
 
 
 def test_mlflow_ui_serves_a_page(tmp_path, monkeypatch):

@@ -100,6 +100,25 @@ def lmdir(pkg, tmp_path_factory):
     return t
 
 
+def test_lm_train_refuses_a_state_of_another_configuration(lmdir, tmp_path, capsys):
+    "An interrupted run's state made with other params is refused (exit 2, the key, --restart); --restart trains anew."
+    out = tmp_path / "lm"
+    folder = out / ".resume" / "dual"
+    (folder / "state").mkdir(parents=True)
+    (folder / "state" / "step.json").write_text(json.dumps({"step": 2}))
+    (folder / "config.json").write_text(json.dumps({"params": {"evaluate": {"lm_train": {"lr": 123.0}}}, "code": {}}))
+    argv = ["lm", "train", str(lmdir / "ds"), "-o", str(out), "--params", str(ROOT / "params.yaml"), "--no-track", "-q",
+            *_set(LM_SMALL + ["evaluate.lm_train.steps=2", "evaluate.lm.context=120", "evaluate.lm.max_len=244"])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    head = next(i for i, line in enumerate(err) if line.startswith("duotok lm: error: "))
+    assert str(folder) in err[head] and "another configuration" in err[head], err
+    assert any("evaluate.lm_train.lr: 123.0 -> " in line for line in err[head:]) and "--restart" in err[-1], err
+    assert (folder / "state" / "step.json").exists() and not (out / "dual.safetensors").exists()
+    assert main(argv + ["--restart"]) == 0
+    assert (out / "dual.safetensors").exists() and not (out / ".resume").exists()
+
+
 def test_generate_writes_three_48k_files(pkg, lmdir, tmp_path, capsys):
     d, p = pkg
     voc = lmdir / "songs" / "s1" / "vocals.wav"                                   # 3 s at 24 kHz

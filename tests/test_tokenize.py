@@ -129,7 +129,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(corpus, tmp_path, capsys
     cases = [
         (["tokenize", str(tmp_path / "none"), "-o", str(tmp_path / "o1"), "--model", str(pkg)], "no such folder or manifest"),
         (["tokenize", str(songs), "-o", str(ref), "--model", str(pkg), "--shard-size", "3"],
-         "holds a token dataset made with another plan (differs in: n_shards, shard_size)"),
+         "holds a token dataset made with another configuration: n_shards: 12 -> 4; shard_size: 1 -> 3. "),
         (["tokenize", str(songs), "-o", str(tmp_path / "o2"), "--model", str(tmp_path / "nopkg")], "not a packaged duotok tokenizer"),
         (["lm", "train", str(tmp_path / "o3"), "-o", str(tmp_path / "lm")], "no such token file or token dataset folder"),
     ]
@@ -145,3 +145,18 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(corpus, tmp_path, capsys
         assert err.startswith(f"duotok {argv[0]}: error: ") and msg in err, (argv, err)
     assert tree(ref) == before and (tmp_path / "other" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o4").exists()
+
+
+def test_restart_replaces_a_dataset_of_another_configuration(corpus, tmp_path, capsys):
+    "Refused without --restart (naming the changed keys, the way out, the folder untouched); --restart starts over."
+    d, pkg, songs, ref, _ = corpus
+    ds = tmp_path / "ds"
+    shutil.copytree(ref, ds)
+    argv = ["tokenize", str(songs), "-o", str(ds), "--model", str(pkg), "--shard-size", "4", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "shard_size: 1 -> 4" in err and "--restart" in err and tree(ds) == tree(ref)
+    assert main(argv + ["--restart"]) == 1                                              # 1: s10_bad rejected again
+    new = TokenDataset(ds)
+    assert new.index["shard_size"] == 4 and len(new.index["shards"]) == 3 and new.ids == TokenDataset(ref).ids
+    assert all(np.array_equal(new[i].vocals, TokenDataset(ref)[i].vocals) for i in range(len(new)))

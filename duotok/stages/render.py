@@ -16,18 +16,18 @@ __all__ = ['run', 'main']
 
 # %% ../../nbs/14_stage_render.ipynb #9c9809ae
 def run(params: Params, tracker) -> dict:
-    "Render the corpus named by `params.render`; returns the summary metrics."
+    "Render the corpus named by `params.render` and the shift set of `params.render.shift`; returns the summary metrics."
     r = params.render
     if params.audio.sample_rate != 48000:
         raise ValueError(f"audio.sample_rate = {params.audio.sample_rate}: the renderer writes 48 kHz stems")
     metrics = render_corpus(r.songs_dir, "outputs/render", workers=r.workers, max_songs=r.max_songs,
-                            soundfont=r.soundfont, f0_tolerance_cents=r.f0_tolerance_cents,
-                            f0_check_songs=r.f0_check_songs)
-    tracker.log_params({f"render.{k}": v for k, v in vars(r).items()})
+                            f0_tolerance_cents=r.f0_tolerance_cents, f0_check_songs=r.f0_check_songs,
+                            variety=r.variety, seed=r.seed, shift=r.shift)
     tracker.log_metrics({f"render/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
     for f in ("report.json", "rejected.json"):
         if (Path("outputs/render") / f).exists(): tracker.log_artifact(str(Path("outputs/render") / f))
     return metrics
+
 
 # %% ../../nbs/14_stage_render.ipynb #2e5b7591
 def main(argv: list[str] | None = None) -> dict:
