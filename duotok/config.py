@@ -21,8 +21,9 @@ import yaml
 __all__ = ['SECTIONS', 'ConfigError', 'from_dict', 'to_dict', 'flatten', 'AudioConfig', 'TrainConfig', 'VarietyConfig',
            'ShiftConfig', 'RenderConfig', 'PreprocessConfig', 'AugmentConfig', 'DataConfig', 'EncoderConfig',
            'ProbeConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig', 'FinetuneConfig', 'CodebookConfig', 'VAEConfig',
-           'PreEncodeConfig', 'DecoderConfig', 'LMConfig', 'EvaluateConfig', 'ReportConfig', 'Params', 'parse_override',
-           'load_params_dict', 'load_params', 'checkpoint_config', 'read_section', 'expect_kind', 'config_id']
+           'PreEncodeConfig', 'DecoderConfig', 'LMConfig', 'EvaluateConfig', 'GenerateConfig', 'ReportConfig', 'Params',
+           'parse_override', 'load_params_dict', 'load_params', 'checkpoint_config', 'read_section', 'expect_kind',
+           'config_id']
 
 # %% ../nbs/01_config.ipynb #ff9aaa52
 class ConfigError(ValueError):
@@ -422,6 +423,7 @@ class LMConfig:
     ffn: int
     rope_theta: float
     max_len: int
+    context: int                # tokens per stream of a training crop / generation window (max_len >= 2 context + 4)
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -438,6 +440,22 @@ class EvaluateConfig:
     visqol_segments: int        # test segments scored with ViSQOL audio mode (visqol-python; 0 = off)
 
 # %% ../nbs/01_config.ipynb #840fbd11
+@dataclass(frozen=True)
+class GenerateConfig:           # the `generate` stage (vocal -> accompaniment with the evaluate stage's LMs)
+    package: str                # packaged tokenizer folder
+    lm: str                     # token LM folder (the evaluate stage's `outputs/evaluate/lm`)
+    songs: str                  # folder of song folders holding the test vocals (the render stage's songs)
+    max_s: float                # seconds of each test vocal used (0 = whole song)
+    n_examples: int             # songs whose audio and spectrograms go into the report
+    max_songs: int              # test songs scored for the conditioning metric (0 = all)
+    prompt_s: float             # accompaniment prompt from the true accompaniment (0 = none)
+    temperature: float
+    top_k: int                  # 0 = off
+    top_p: float                # 1.0 = off
+    sampling_steps: int         # diffusion steps when decoding (0 = the package's own setting)
+    bootstrap: int              # bootstrap resamples of the test songs for the interval
+    seed: int
+
 @dataclass(frozen=True)
 class ReportConfig:
     notebook: str
@@ -457,6 +475,7 @@ class Params:
     pre_encode: PreEncodeConfig
     decoder: DecoderConfig
     evaluate: EvaluateConfig
+    generate: GenerateConfig
     report: ReportConfig
 
     def to_dict(self) -> dict: return to_dict(self)

@@ -272,8 +272,10 @@ class TokenDecoder:
         return z[:B], z[B:]
 
     @torch.no_grad()
-    def decode(self, ids_v: torch.Tensor, ids_a: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids_v, ids_a (B, T) int64 (or (T,)) -> wav_v, wav_a (B, T * samples_per_token) float32 at 48 kHz."""
+    def decode(self, ids_v: torch.Tensor, ids_a: torch.Tensor, seed: int = 0,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids_v, ids_a (B, T) int64 (or (T,)) -> wav_v, wav_a (B, T * samples_per_token) float32 at 48 kHz.
+        `progress`: a bar over the chunks (seconds of audio)."""
         ids_v, ids_a = torch.as_tensor(ids_v), torch.as_tensor(ids_a)
         squeeze = ids_v.dim() == 1
         if squeeze:
@@ -289,6 +291,9 @@ class TokenDecoder:
         out = torch.zeros(2, B, T * spt)
         norm = torch.zeros(T * spt)
         starts = chunk_starts(T, self.chunk_tokens, self.overlap_tokens)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=round(T / self.token_rate, 1), desc="decode", unit="audio s", disable=not progress,
+                   mininterval=1.0, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} audio s [{elapsed}<{remaining}, {rate_fmt}]")
         for i, s in enumerate(starts):
             e = min(T, s + self.chunk_tokens)
             zv, za = self.decode_latents(ids_v[:, s:e], ids_a[:, s:e], seed=seed + i)
@@ -298,7 +303,9 @@ class TokenDecoder:
             w = crossfade_weights(e * spt - s * spt, max(0, fade_in), max(0, fade_out))
             out[:, :, s * spt: e * spt] += rearrange(wav, "(k b) l -> k b l", k=2) * w
             norm[s * spt: e * spt] += w
-        out = out / norm.clamp_min(1e-8)
+            bar.update(round(((starts[i + 1] if i + 1 < len(starts) else T) - s) / self.token_rate, 3))
+        bar.close()
+        out.div_(norm.clamp_min(1e-8))                                   # in place: long songs
         wav_v, wav_a = out[0], out[1]
         return (wav_v[0], wav_a[0]) if squeeze else (wav_v, wav_a)
 
