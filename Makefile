@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro test lab mlflow-ui bench dvc-graph
+.PHONY: setup repro test test-slow paper lab mlflow-ui bench dvc-graph
 
 setup: $(PY_STAMP) $(APT_STAMP)
 
@@ -46,7 +46,16 @@ repro: setup
 test: setup
 	source $(BIN)/activate && python scripts/check_nbdev.py
 	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && NUMBA_CACHE_DIR=$$d nbdev-test --n-workers 2 --skip-folder-re '^reports$$'
-	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && NUMBA_CACHE_DIR=$$d python -m pytest -q tests
+	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && NUMBA_CACHE_DIR=$$d python -m pytest -q -m "not slow" tests
+
+# The long tests (pytest -m slow): the paper profile trained for 2 steps per stage end to end (~1 h on 2 CPU cores,
+# ~10 GB RAM), the report notebook, ViSQOL.
+test-slow: setup
+	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && NUMBA_CACHE_DIR=$$d python -m pytest -q -s -m slow tests
+
+# The paper profile on the devices present (1 GPU, N GPUs on this node, or CPU), MFU logged to MLflow: docs/scale.md.
+paper: setup
+	source $(BIN)/activate && bash scripts/paper.sh
 
 lab: setup
 	source $(BIN)/activate && jupyter lab --ip 127.0.0.1 --no-browser --allow-root \

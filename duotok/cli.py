@@ -10,83 +10,56 @@ from pathlib import Path
 
 import numpy as np
 
-AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+from .core import is_main
+from .tokenize import AUDIO_EXT, load_song_stems, match_lengths   # stem loading, shared with `tokenize`
 
 # %% auto #0
-__all__ = ['AUDIO_EXT', 'match_lengths', 'load_song_stems', 'cmd_encode', 'cmd_decode', 'cmd_info', 'cmd_package', 'build_parser',
-           'main']
+__all__ = ['cmd_encode', 'cmd_decode', 'cmd_info', 'cmd_package', 'cmd_tokenize', 'cmd_lm_train', 'cmd_generate',
+           'cmd_corpus_validate', 'build_parser', 'main']
 
 # %% ../nbs/43_cli.ipynb #4a20e629
-def _find_stem(folder: Path, name: str) -> Path | None:
-    for ext in AUDIO_EXT:
-        p = folder / f"{name}{ext}"
-        if p.exists(): return p
-    return None
-
-
-def match_lengths(arrays: list[np.ndarray], paths: list, sr: int, pad: bool = False) -> list[np.ndarray]:
-    """(C, L) stems -> one common length: cut to the shortest when they differ by at most
-    `duotok.corpus.LENGTH_TOLERANCE_S`, zero-padded to the longest with `pad`, else an `AudioError`."""
-    from duotok.audio import AudioError
-    from duotok.corpus import LENGTH_TOLERANCE_S
-    lens = [a.shape[-1] for a in arrays]
-    if max(lens) - min(lens) <= LENGTH_TOLERANCE_S * sr: return [a[:, :min(lens)] for a in arrays]
-    if pad: return [np.pad(a, ((0, 0), (0, max(lens) - a.shape[-1]))) for a in arrays]
-    raise AudioError("stems differ in length: " + ", ".join(f"{p} {n / sr:.2f} s" for p, n in zip(paths, lens))
-                     + f" (more than {LENGTH_TOLERANCE_S} s apart): trim them to one length, or pass --pad to "
-                     "zero-pad the shorter ones")
-
-
-def load_song_stems(folder: str | Path, pad: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
-    """(vocals (C, L), accompaniment (C, L), sr) from a folder of stems; accompaniment = `accompaniment.*`
-    or the sum of `drums`, `bass`, `other` (then both are mono). Stems are resampled to the vocals' rate and
-    brought to one length by `match_lengths`."""
-    from duotok.audio import load_audio
-    folder = Path(folder)
-    v = _find_stem(folder, "vocals")
-    if v is None: raise FileNotFoundError(f"{folder}: no vocals.* stem ({', '.join(AUDIO_EXT)})")
-    voc, sr = load_audio(v)
-    a = _find_stem(folder, "accompaniment")
-    if a is not None:
-        acc, _ = load_audio(a, sr=sr)
-        voc, acc = match_lengths([voc, acc], [v, a], sr, pad)
-    else:
-        parts = [_find_stem(folder, n) for n in ("drums", "bass", "other")]
-        if not any(parts):
-            raise FileNotFoundError(f"{folder}: no accompaniment.* and none of drums/bass/other")
-        found = [p for p in parts if p is not None]
-        voc, *stems = match_lengths([voc.mean(0, keepdims=True)] + [load_audio(p, sr=sr, mono=True)[0] for p in found],
-                                    [v] + found, sr, pad)
-        acc = sum(stems)                                                # (1, n): the tokenizer downmixes anyway
-    return voc, acc, sr
+def _tokenizer(args):
+    "The packaged tokenizer of `--model`, with `--chunk-s` / `--context-s` and `--separator` applied."
+    from duotok.tokenizer import DuoTok
+    kw = {k: v for k, v in (("chunk_s", getattr(args, "chunk_s", None)), ("context_s", getattr(args, "context_s", None)))
+          if v is not None}
+    tok = DuoTok.from_pretrained(args.model, device=args.device, **kw)
+    if getattr(args, "separator", None) and args.separator != "builtin":
+        from duotok.separate import load_separator
+        tok.separator = load_separator(args.separator, device=args.device)
+    return tok
 
 
 def cmd_encode(args) -> int:
     from tqdm.auto import tqdm
-    from duotok.audio import load_audio
-    from duotok.tokenizer import DuoTok
-    tok = DuoTok.from_pretrained(args.model, device=args.device,
-                                 **{k: v for k, v in (("chunk_s", args.chunk_s), ("context_s", args.context_s)) if v is not None})
+    from duotok.tokenize import SongSource, encode_source, folder_source
+    tok = _tokenizer(args)
     print(tok.describe(), file=sys.stderr)
-    jobs = []
     if args.song:
+        if args.vocals or args.accompaniment or args.mix:
+            raise SystemExit("duotok encode: give --song DIR (repeatable), or --vocals with --accompaniment, or --mix")
         out = Path(args.output); out.mkdir(parents=True, exist_ok=True)
-        jobs = [(Path(s), out / f"{Path(s).name}.npz") for s in args.song]
+        jobs = [(folder_source(s), out / f"{Path(s).name}.npz") for s in args.song]
+    elif args.mix:
+        if args.vocals or args.accompaniment:
+            raise SystemExit("duotok encode: --mix takes no --vocals / --accompaniment")
+        jobs = [(SongSource(Path(args.mix).stem, {"mix": args.mix}), Path(args.output))]
     else:
         if not (args.vocals and args.accompaniment):
-            raise SystemExit("duotok encode: give --vocals and --accompaniment, or --song DIR (repeatable)")
-        jobs = [(None, Path(args.output))]
+            raise SystemExit("duotok encode: give --vocals and --accompaniment, --mix FILE, or --song DIR (repeatable)")
+        jobs = [(SongSource(Path(args.vocals).stem, {"vocals": args.vocals, "accompaniment": args.accompaniment}),
+                 Path(args.output))]
+    for s in args.song or []:
+        if not Path(s).is_dir(): raise FileNotFoundError(f"{s}: no such song folder")
+        if folder_source(s).kind == "none":
+            raise FileNotFoundError(f"{s}: no vocals.* (with accompaniment.* or drums/bass/other.*) and no mixture.* "
+                                    f"({', '.join(AUDIO_EXT)})")
     total_audio, t0 = 0.0, time.time()
-    for folder, dest in tqdm(jobs, desc="songs", unit="song", disable=len(jobs) < 2):
-        if folder is None:
-            v, sr = load_audio(args.vocals); a, _ = load_audio(args.accompaniment, sr=sr)
-            v, a = match_lengths([v, a], [args.vocals, args.accompaniment], sr, args.pad)
-        else:
-            v, a, sr = load_song_stems(folder, args.pad)
-        t = tok.encode(v, a, sr, progress=not args.quiet)
+    for src, dest in tqdm(jobs, desc="songs", unit="song", disable=len(jobs) < 2 or args.quiet):
+        t, dur, meta = encode_source(tok, src, pad=args.pad)
         t.save(dest)
-        total_audio += v.shape[-1] / sr
-        print(f"{dest}: {t!r}", file=sys.stderr)
+        total_audio += dur
+        print(f"{dest}: {t!r}" + (f" (mix separated by {meta['separator']})" if "separator" in meta else ""), file=sys.stderr)
     dt = time.time() - t0
     print(f"encoded {total_audio:.1f} s of audio in {dt:.1f} s ({total_audio / max(dt, 1e-9):.1f} s of audio per s)",
           file=sys.stderr)
@@ -94,20 +67,26 @@ def cmd_encode(args) -> int:
 
 
 def cmd_decode(args) -> int:
-    from tqdm.auto import tqdm
     from duotok.audio import save_audio
     from duotok.tokenizer import DualTokens, DuoTok
     tok = DuoTok.from_pretrained(args.model, device=args.device)
+    if args.steps: tok.decoder.steps = int(args.steps)
     out = Path(args.output); out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(args.tokens, desc="decode", unit="file", disable=len(args.tokens) < 2):
+    total, t0 = 0.0, time.time()
+    for path in args.tokens:
         t = DualTokens.load(path)
-        d = tok.decode(t)
-        names = t.segment if t.is_shard else [Path(path).stem]
-        for i, name in enumerate(names or [f"{Path(path).stem}_{j}" for j in range(len(t))]):
-            safe = str(name).replace("/", "_")
-            for kind, x in (("vocals", d.vocals), ("accompaniment", d.accompaniment), ("mix", d.mix)):
-                save_audio(out / f"{safe}_{kind}.wav", x[i] if t.is_shard else x, d.sample_rate)
+        names = [str(s).replace("/", "_") for s in (t.segment or [f"{Path(path).stem}_{j}" for j in range(len(t))])] \
+            if t.is_shard else [Path(path).stem]
+        parts = [(names[i], t[i]) for i in range(len(t))] if t.is_ragged else [(None, t)]
+        for name, tt in parts:
+            d = tok.decode(tt, progress=not args.quiet)
+            for i, nm in enumerate([name] if name is not None else names):
+                for kind, x in (("vocals", d.vocals), ("accompaniment", d.accompaniment), ("mix", d.mix)):
+                    save_audio(out / f"{nm}_{kind}.wav", x[i] if (tt.is_shard and not tt.is_ragged) else x, d.sample_rate)
+            total += tt.n_tokens * (len(tt) if tt.is_shard else 1) / tt.token_rate
         print(f"{path}: {t!r} -> {out}/", file=sys.stderr)
+    dt = time.time() - t0
+    print(f"decoded {total:.1f} s of audio in {dt:.1f} s ({total / max(dt, 1e-9):.2f} s of audio per s)", file=sys.stderr)
     return 0
 
 
@@ -115,10 +94,17 @@ def cmd_info(args) -> int:
     import json
     from duotok.tokenizer import DualTokens, DuoTok, TokenEncoder
     p = Path(args.path)
-    if p.is_dir():
+    if p.is_dir() and (p / "index.json").exists():
+        from duotok.tokenize import TokenDataset
+        ds = TokenDataset(p); ix = ds.index
+        print(f"token dataset {p}: {ix['n_songs']} songs ({ix['audio_s']:.1f} s of audio, {ix['n_tokens']} tokens per track) "
+              f"in {len(ix['shards'])} shards, {ix['n_rejected']} rejected; model {ix['model_id']!r}, codebooks "
+              f"{ix['codebook_sizes']} at {ix['token_rate']} Hz; source {ix['source']}")
+    elif p.is_dir():
         if (p / "encoder").is_dir():
             tok = DuoTok.from_pretrained(p)
             print(tok.describe()); print(f"decoder: {'present' if (p / 'decoder').exists() else 'missing'} ({p / 'decoder'})")
+            print(f"separator: {'present (built-in, stage-2 head)' if (p / 'separator').exists() else 'missing'}")
         else:
             te = TokenEncoder.from_checkpoint(p)
             kv, ka = te.codebook_sizes
@@ -136,19 +122,156 @@ def cmd_info(args) -> int:
 
 def cmd_package(args) -> int:
     from duotok.tokenizer import DuoTok, package_encoder
-    out = package_encoder(args.codebook, args.output, chunk_s=args.chunk_s if args.chunk_s is not None else 4.0, context_s=args.context_s if args.context_s is not None else 0.0)
+    kw = {k: v for k, v in (("chunk_s", args.chunk_s), ("context_s", args.context_s)) if v is not None}
+    out = package_encoder(args.codebook, args.output, **kw)       # defaults: windows with the receptive field as context
     print(DuoTok.from_pretrained(out).describe())
     return 0
+
+
+def cmd_tokenize(args) -> int:
+    from duotok.tokenize import tokenize_dataset
+    kw = {k: v for k, v in (("chunk_s", args.chunk_s), ("context_s", args.context_s)) if v is not None}
+    device = args.device
+    if device == "auto":
+        import os, torch
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    s = tokenize_dataset(args.source, args.output, args.model, args.shard_size, args.workers, args.separator, device, kw,
+                         args.pad, progress=not args.quiet, restart=args.restart)
+    who = f"rank {s['rank']} of {s['world']}: " if s["world"] > 1 else ""
+    print(f"{who}tokenized {s['songs']} songs ({s['audio_s']:.1f} s of audio) in {s['wall_s']:.1f} s: "
+          f"{s['audio_s_per_s']:.1f} s of audio per s; {s['rejected']} rejected; {s['shards_done']} shards written, "
+          f"{s['shards_skipped']} already done", file=sys.stderr)
+    if "index" in s:
+        ix = s["index"]
+        print(f"{args.output}: {ix['n_songs']} songs, {ix['audio_s']:.1f} s of audio, {ix['n_tokens']} tokens per track, "
+              f"{len(ix['shards'])} shards" + (f"; {ix['n_rejected']} rejected, reasons in {args.output}/rejects.jsonl"
+                                               if ix["n_rejected"] else ""), file=sys.stderr)
+        return 1 if ix["n_rejected"] else 0
+    return 0
+
+
+def _split_val(tokens, fraction: float, seed: int):
+    "(train, val): a `fraction` of the items (at least one, never all) chosen with `seed`."
+    n = len(tokens)
+    k = min(n - 1, max(1, int(round(fraction * n))))
+    if n < 2: raise ValueError(f"lm train: {n} item(s): give --val, or at least 2 songs to hold one out")
+    perm = np.random.default_rng(seed).permutation(n)
+    return tokens.select(sorted(perm[k:])), tokens.select(sorted(perm[:k]))
+
+
+def _tokens_sha(t) -> str:
+    "SHA-256 prefix of a `DualTokens`' codes and item boundaries (what an LM resume state was trained on)."
+    import hashlib
+    h = hashlib.sha256()
+    for a in (t.vocals, t.accompaniment, t.lengths):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def cmd_lm_train(args) -> int:
+    import json, shutil
+    from duotok import lm as L
+    from duotok.config import load_params, to_dict
+    from duotok.core import atomic_write_json
+    from duotok.distributed import is_rank0, on_rank0
+    from duotok.evaluation import Prefixed, prompt_tokens
+    from duotok.tokenize import load_tokens
+    from duotok.stage import check_resume_state, code_hashes, import_closure, package_dir
+    from duotok.tracking import NullTracker, start_run
+    p = load_params(args.params, args.set or [], args.profile)
+    ecfg, lt = p.evaluate, p.evaluate.lm_train
+    data = load_tokens(args.dataset)
+    if not data.is_shard: raise ValueError(f"lm train: {args.dataset} holds one song; give a token dataset or a shard")
+    if args.val: train, val = data, load_tokens(args.val)
+    elif args.val_fraction > 0: train, val = _split_val(data, args.val_fraction, lt.seed)
+    else: train, val = data, None
+    prompt = prompt_tokens(int(train.lengths.max()), ecfg.prompt_s, train.token_rate)
+    out = Path(args.output)
+    print(f"lm train: {len(train)} training items ({int(train.lengths.sum())} tokens per track)"
+          + (f", {len(val)} validation items" if val is not None else ", no validation")
+          + f"; crops of up to {ecfg.lm.context} tokens; {lt.steps} steps at batch {lt.batch_size}", file=sys.stderr)
+    current = {"params": {"evaluate": {"lm": to_dict(ecfg.lm), "lm_train": to_dict(lt), "prompt_s": ecfg.prompt_s},
+                          "data": {"train": _tokens_sha(train), "val": None if val is None else _tokens_sha(val)}},
+               "code": code_hashes(import_closure([package_dir() / "lm.py"]))}
+    for proto in args.protocol:                     # before any training: a stale state is refused, not resumed
+        check_resume_state(out / proto, current, args.restart, is_rank0(), "the same duotok lm train command with --restart")
+    summary = {}
+    run = start_run("lm", p, tags={"source": "duotok lm train"}) if not args.no_track and is_rank0() else None
+    tracker = run.__enter__() if run is not None else NullTracker()
+    try:
+        for proto in args.protocol:
+            model, res = L.train_lm(train, proto, ecfg.lm, lt, out / proto, Prefixed(tracker, f"lm_{proto}/"), val=val,
+                                    prompt=prompt, progress=not args.quiet)
+            facts = {"context": ecfg.lm.context, "prompt": prompt, "token_rate": train.token_rate, "tokenizer": train.model_id,
+                     "train_steps": res.step, "train": to_dict(lt), "val": res.val_metrics}
+            on_rank0(L.save_lm, out, model, proto, **facts)
+            summary[proto] = res.val_metrics
+            key = "overall/ppl_1024" if proto == "dual" else "acc/ppl_1024"
+            if key in res.val_metrics:
+                print(f"lm train: {proto}: validation PPL@1024 ({key.split('/')[0]}) {res.val_metrics[key]:.3f} "
+                      f"over {int(res.val_metrics['n_windows'])} windows", file=sys.stderr)
+    finally:
+        if run is not None: run.__exit__(None, None, None)
+    def finish():
+        atomic_write_json(out / "metrics.json", summary)
+        shutil.rmtree(out / ".resume", ignore_errors=True)
+    on_rank0(finish)
+    print(f"lm train: wrote {', '.join(f'{out}/{p_}.safetensors' for p_ in args.protocol)}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from duotok import generate as G
+    from duotok import lm as L
+    from duotok.audio import load_audio
+    tok = _tokenizer(args)
+    if args.steps: tok.decoder.steps = int(args.steps)
+    model, cfg = L.load_lm(args.lm, "v2a")
+    v, sr = load_audio(args.vocals)
+    prompt = load_audio(args.prompt, sr=sr)[0] if args.prompt else None
+    t0 = time.time()
+    g = G.accompany(tok, model, v, sr, cfg.get("context"), prompt, args.prompt_s, args.temperature, args.top_k, args.top_p,
+                    args.seed, args.max_s, progress=not args.quiet)
+    paths = G.write_generated(args.output, g, args.vocal)
+    n = len(g.audio(args.vocal)["mix"]) / g.sample_rate
+    print(f"generate: {g.tokens.n_tokens} accompaniment tokens ({g.prompt_tokens} from the prompt) for {n:.1f} s of vocal "
+          f"in {time.time() - t0:.1f} s -> " + ", ".join(str(p) for p in paths.values()) + f" ({g.sample_rate} Hz)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_corpus_validate(args) -> int:
+    from duotok.corpus import SongError
+    from duotok.tokenize import validate_for_tokenize
+    sep = None
+    if args.separator: sep = args.separator
+    elif args.model:
+        if not (Path(args.model) / "separator" / "model.json").exists():
+            print(f"duotok corpus validate: {args.model} has no separator/: mixture-only folders stay rejected",
+                  file=sys.stderr)
+        else: sep = "builtin"
+    if sep is not None and sep != "builtin":
+        from duotok.separate import load_separator
+        load_separator(sep)                                              # fail now if it cannot be loaded
+    try: rep = validate_for_tokenize(args.root, sep, deep=not args.shallow, strict=args.strict)
+    except SongError as e:
+        print(f"error: {e}", file=sys.stderr); return 2
+    print(rep.format())
+    return 2 if not rep.songs else 1 if rep.errors else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="duotok", description="Duo-Tok dual-track music tokenizer")
     sub = ap.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("encode", help="stems -> token file(s)")
+    sep_help = ("separator for mixes: 'builtin' (the package's stage-2 head, default), a stage-2 checkpoint folder, or "
+                "'module:function' / 'file.py:function' taking (mix, sr) and returning (vocals, accompaniment, sr)")
+    e = sub.add_parser("encode", help="stems (or a mix) -> token file(s)")
     e.add_argument("--model", required=True, help="packaged tokenizer folder (with encoder/)")
     e.add_argument("--vocals"); e.add_argument("--accompaniment")
-    e.add_argument("--song", action="append", help="folder of stems (repeatable); -o is then a folder")
+    e.add_argument("--mix", help="a mix without stems: separated first (--separator)")
+    e.add_argument("--song", action="append", help="folder of stems, or of a mixture alone (repeatable); -o is then a folder")
     e.add_argument("-o", "--output", required=True)
+    e.add_argument("--separator", default=None, help=sep_help)
     e.add_argument("--chunk-s", type=float, default=None, help="window length in s (0 = full context)")
     e.add_argument("--context-s", type=float, default=None, help="extra context on each side of a window, s")
     e.add_argument("--pad", action="store_true", help="zero-pad stems shorter than the longest (default: refuse "
@@ -158,13 +281,76 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decode", help="token file(s) -> 48 kHz vocals / accompaniment / mix")
     d.add_argument("tokens", nargs="+"); d.add_argument("--model", required=True)
     d.add_argument("-o", "--output", required=True, help="output folder"); d.add_argument("--device", default="cpu")
+    d.add_argument("--steps", type=int, default=0, help="diffusion sampling steps (0 = the package's)")
+    d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(fn=cmd_decode)
-    i = sub.add_parser("info", help="describe a token file, a package or a codebook checkpoint")
+    i = sub.add_parser("info", help="describe a token file, a token dataset, a package or a codebook checkpoint")
     i.add_argument("path"); i.set_defaults(fn=cmd_info)
     p = sub.add_parser("package", help="write the encoder half of a package from outputs/codebook")
     p.add_argument("--codebook", default="outputs/codebook"); p.add_argument("-o", "--output", required=True)
     p.add_argument("--chunk-s", type=float, default=None); p.add_argument("--context-s", type=float, default=None)
     p.set_defaults(fn=cmd_package)
+    t = sub.add_parser("tokenize", help="a corpus (folder of song folders, or a .csv / .jsonl manifest) -> token dataset",
+                       description="Tokenize a corpus into DATASET (ragged DualTokens shards + index.json + rejects.jsonl). "
+                       "Resumable: re-run the same command after an interruption. Parallel: torchrun --nproc_per_node N "
+                       "-m duotok.cli tokenize ... (each rank a slice of the shards), or --workers N on one machine. "
+                       "Exit status 0: every song tokenized; 1: some songs rejected (see rejects.jsonl); 2: bad input.")
+    t.add_argument("source", help="folder of song folders, or a manifest (.csv / .jsonl: id, folder | vocals, "
+                   "accompaniment | drums, bass, other | mix)")
+    t.add_argument("-o", "--output", required=True, help="dataset folder (new, or the one of an interrupted run)")
+    t.add_argument("--model", required=True, help="packaged tokenizer folder")
+    t.add_argument("--shard-size", type=int, default=16, help="songs per shard (a unit of work and of resumption)")
+    t.add_argument("--workers", type=int, default=1, help="processes on this machine (each loads the package)")
+    t.add_argument("--separator", default=None, help=sep_help)
+    t.add_argument("--chunk-s", type=float, default=None); t.add_argument("--context-s", type=float, default=None)
+    t.add_argument("--pad", action="store_true", help="zero-pad stems of different lengths instead of rejecting the song")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda:LOCAL_RANK when a GPU is present)")
+    t.add_argument("--restart", action="store_true", help="delete the token dataset in -o (one made with another "
+                   "configuration is refused) and start over")
+    t.add_argument("-q", "--quiet", action="store_true")
+    t.set_defaults(fn=cmd_tokenize)
+    lm = sub.add_parser("lm", help="token language models").add_subparsers(dest="lm_command", required=True)
+    lt = lm.add_parser("train", help="train the dual-track and vocal-to-accompaniment LMs on a token dataset",
+                       description="Train the token LMs the evaluate stage trains (evaluate.lm, evaluate.lm_train of the "
+                       "params; --set to override, e.g. --set evaluate.lm_train.steps=2000 --set "
+                       "evaluate.lm_train.mixed_precision=bf16) on random crops of up to evaluate.lm.context tokens. "
+                       "Several GPUs: accelerate launch -m duotok.cli lm train ... Resumes after an interruption.")
+    lt.add_argument("dataset", help="token dataset folder (duotok tokenize) or a token file (.npz shard)")
+    lt.add_argument("-o", "--output", required=True, help="LM folder: <protocol>.safetensors + <protocol>.json, metrics.json")
+    lt.add_argument("--val", default=None, help="validation tokens (dataset or file); default: hold out --val-fraction")
+    lt.add_argument("--val-fraction", type=float, default=0.1, help="items held out for validation when no --val (0 = none)")
+    lt.add_argument("--protocol", nargs="+", default=["dual", "v2a"], choices=["dual", "v2a"])
+    lt.add_argument("--params", default="params.yaml"); lt.add_argument("--profile", default=None)
+    lt.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one parameter (repeatable)")
+    lt.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    lt.add_argument("--restart", action="store_true", help="discard an interrupted run's state in -o (one made with "
+                    "other params, data or code is refused) and start over")
+    lt.add_argument("-q", "--quiet", action="store_true")
+    lt.set_defaults(fn=cmd_lm_train)
+    g = sub.add_parser("generate", help="a vocal -> a generated accompaniment (vocals.wav, accompaniment.wav, mix.wav)")
+    g.add_argument("--vocals", required=True, help="vocal audio file")
+    g.add_argument("--model", required=True, help="packaged tokenizer folder")
+    g.add_argument("--lm", required=True, help="LM folder with v2a.safetensors (duotok lm train, or outputs/evaluate/lm)")
+    g.add_argument("-o", "--output", required=True, help="output folder")
+    g.add_argument("--prompt", default=None, help="accompaniment audio whose first --prompt-s seconds prompt the LM")
+    g.add_argument("--prompt-s", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=1.0); g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0); g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-s", type=float, default=0.0, help="use only the first seconds of the vocal (0 = all)")
+    g.add_argument("--steps", type=int, default=0, help="diffusion sampling steps (0 = the package's)")
+    g.add_argument("--vocal", choices=["original", "decoded"], default="original",
+                   help="vocals.wav / the mix: the input vocal, or its decoded tokens")
+    g.add_argument("--separator", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--device", default="cpu"); g.add_argument("-q", "--quiet", action="store_true")
+    g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("corpus", help="corpus checks").add_subparsers(dest="corpus_command", required=True)
+    cv = c.add_parser("validate", help="report every problem of every song folder; mixture-only folders are accepted "
+                      "when a separator is available", epilog="exit status: 0 every song folder is usable; 1 some song "
+                      "is rejected; 2 nothing is usable")
+    cv.add_argument("root"); cv.add_argument("--model", default=None, help="package whose separator/ makes mixes usable")
+    cv.add_argument("--separator", default=None, help=sep_help)
+    cv.add_argument("--shallow", action="store_true"); cv.add_argument("--strict", action="store_true")
+    cv.set_defaults(fn=cmd_corpus_validate)
     return ap
 
 
@@ -172,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as e:      # clear one-line errors for bad input (TokenFileError, AudioError)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        from duotok.checkpoint import ResumeMismatch      # torch: imported only when needed
+        if isinstance(e, RuntimeError) and not isinstance(e, ResumeMismatch): raise
+        # one-line errors for bad input (TokenFileError, AudioError) and for a dataset / LM state of another configuration
         print(f"duotok {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+
+if is_main(__name__): raise SystemExit(main())

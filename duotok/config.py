@@ -19,10 +19,11 @@ import yaml
 
 # %% auto #0
 __all__ = ['SECTIONS', 'ConfigError', 'from_dict', 'to_dict', 'flatten', 'AudioConfig', 'TrainConfig', 'VarietyConfig',
-           'ShiftConfig', 'RenderConfig', 'PreprocessConfig', 'EncoderConfig', 'ProbeConfig', 'SSLConfig',
-           'NoiseConfig', 'FreezeConfig', 'FinetuneConfig', 'CodebookConfig', 'VAEConfig', 'PreEncodeConfig',
-           'DecoderConfig', 'LMConfig', 'EvaluateConfig', 'ReportConfig', 'Params', 'parse_override',
-           'load_params_dict', 'load_params', 'checkpoint_config', 'read_section', 'expect_kind', 'config_id']
+           'ShiftConfig', 'RenderConfig', 'PreprocessConfig', 'AugmentConfig', 'DataConfig', 'EncoderConfig',
+           'ProbeConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig', 'FinetuneConfig', 'CodebookConfig', 'VAEConfig',
+           'PreEncodeConfig', 'DecoderConfig', 'LMConfig', 'EvaluateConfig', 'GenerateConfig', 'ReportConfig', 'Params',
+           'parse_override', 'load_params_dict', 'load_params', 'checkpoint_config', 'read_section', 'expect_kind',
+           'config_id']
 
 # %% ../nbs/01_config.ipynb #ff9aaa52
 class ConfigError(ValueError):
@@ -236,16 +237,49 @@ class RenderConfig:
 # %% ../nbs/01_config.ipynb #a69cccb8
 @dataclass(frozen=True)
 class PreprocessConfig:
-    segment_s: float
-    hop_s: float
+    "The song index (`duotok.preprocess`): splits, labels, statistics; no audio is copied."
+    segment_s: float            # the fixed evaluation grid: val/test segments, pre_encode/decoder/evaluate items (s)
+    hop_s: float                # grid hop (s)
     val_fraction: float
     test_fraction: float
     silence_db: float
     silent: Literal["drop", "label"]
     fatal_rejections: bool
-    shard_size: int
+    stats_max_s: float          # train audio (s) read for the mel mean/std (songs in a seeded order); 0 = all
     workers: int
     seed: int
+
+# %% ../nbs/01_config.ipynb #3a76e4bf
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random changes of the training crops (`duotok.augment`; never val/test). Probabilities are per item
+    (`eq_p`: per stem); ranges are `[low, high]`, drawn uniformly."""
+    enabled: bool               # master switch
+    level_db: tuple[float, float]   # mix (or single-stem) RMS level in dBFS after augmentation
+    stem_gain_db: float         # +- dB per stem before the mix level is set (stem balance)
+    eq_p: float                 # per stem: a random peaking EQ and a low- or high-pass
+    eq_db: float                # +- peak gain (dB)
+    reverb_p: float             # synthetic exponential-decay reverb on the stems of an item
+    reverb_wet: tuple[float, float]
+    reverb_rt60_s: tuple[float, float]
+    compress_p: float           # feed-forward RMS compressor on the mix bus (same gain on every stem)
+    compress_ratio: tuple[float, float]
+    compress_depth_db: float    # threshold = item RMS level - depth (dB)
+    remix_p: float              # mix-based stages: the accompaniment of another train song under this vocal
+
+    def validate(self, key: str) -> None:
+        for name in ("eq_p", "reverb_p", "compress_p", "remix_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0: raise ConfigError(f"{key}.{name} must be in [0, 1]")
+        for name in ("level_db", "reverb_wet", "reverb_rt60_s", "compress_ratio"):
+            lo, hi = getattr(self, name)
+            if lo > hi: raise ConfigError(f"{key}.{name}: low {lo} > high {hi}")
+
+@dataclass(frozen=True)
+class DataConfig:
+    "The training data path of ssl, finetune, codebook and vae (`duotok.data`): random crops of whole songs."
+    crop_s: float               # ssl / finetune / codebook crop length (s); the vae crops `vae.segment_s`
+    max_eval_segments: int      # grid segments of val (and of train, for post-training measurements) a stage uses; 0 = all
+    augment: AugmentConfig
 
 # %% ../nbs/01_config.ipynb #12d22f2b
 @dataclass(frozen=True)
@@ -399,6 +433,7 @@ class LMConfig:
     ffn: int
     rope_theta: float
     max_len: int
+    context: int                # tokens per stream of a training crop / generation window (max_len >= 2 context + 4)
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -418,6 +453,22 @@ class EvaluateConfig:
 
 # %% ../nbs/01_config.ipynb #840fbd11
 @dataclass(frozen=True)
+class GenerateConfig:           # the `generate` stage (vocal -> accompaniment with the evaluate stage's LMs)
+    package: str                # packaged tokenizer folder
+    lm: str                     # token LM folder (the evaluate stage's `outputs/evaluate/lm`)
+    songs: str                  # folder of song folders holding the test vocals (the render stage's songs)
+    max_s: float                # seconds of each test vocal used (0 = whole song)
+    n_examples: int             # songs whose audio and spectrograms go into the report
+    max_songs: int              # test songs scored for the conditioning metric (0 = all)
+    prompt_s: float             # accompaniment prompt from the true accompaniment (0 = none)
+    temperature: float
+    top_k: int                  # 0 = off
+    top_p: float                # 1.0 = off
+    sampling_steps: int         # diffusion steps when decoding (0 = the package's own setting)
+    bootstrap: int              # bootstrap resamples of the test songs for the interval
+    seed: int
+
+@dataclass(frozen=True)
 class ReportConfig:
     notebook: str
     n_examples: int
@@ -428,6 +479,7 @@ class Params:
     audio: AudioConfig
     render: RenderConfig
     preprocess: PreprocessConfig
+    data: DataConfig
     ssl: SSLConfig
     finetune: FinetuneConfig
     codebook: CodebookConfig
@@ -435,6 +487,7 @@ class Params:
     pre_encode: PreEncodeConfig
     decoder: DecoderConfig
     evaluate: EvaluateConfig
+    generate: GenerateConfig
     report: ReportConfig
 
     def to_dict(self) -> dict: return to_dict(self)

@@ -4,89 +4,337 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
+from .augment import Augmenter
+from .config import AugmentConfig
+from .features import DERIVED, SUMS, Features
+from .preprocess import segment_lyrics
+
+STEMS = ("vocals", "drums", "bass", "other")
 FIELDS = ("mel_mix", "mel_vocals", "mel_acc", "chroma_mix", "chroma_vocals", "chroma_acc", "wav24_mix", "wav24_stems",
           "wav48_vocals", "wav48_acc", "lyric_ids", "lyric_len", "lyric_frames", "silent_vocals", "silent_acc",
           "song", "segment")
+"The fields of a `SegmentDataset` item (the default set)."
+ALL_FIELDS = FIELDS + ("wav24_vocals", "wav24_acc")
+"Every field a dataset can serve."
+TRACK_STEMS = {"mix": STEMS, "vocals": STEMS[:1], "acc": STEMS[1:], "stems": STEMS}
+RESAMPLE_MARGIN_S = 0.01
 
 # %% auto #0
-__all__ = ['FIELDS', 'load_manifest', 'SegmentDataset', 'collate', 'load_splits', 'make_loader']
+__all__ = ['STEMS', 'FIELDS', 'ALL_FIELDS', 'TRACK_STEMS', 'RESAMPLE_MARGIN_S', 'load_manifest', 'SongIndex', 'SegmentDataset',
+           'CropDataset', 'TrackCrops', 'collate', 'load_splits', 'EpochSampler', 'make_loader']
 
 # %% ../nbs/13_data.ipynb #93dc428c
 def load_manifest(root: str | os.PathLike = "outputs/preprocess") -> dict:
+    "The song index written by the preprocess stage (`root/manifest.json`)."
     p = Path(root) / "manifest.json"
     if not p.exists(): raise FileNotFoundError(f"{p} not found: run `python -m duotok.stages.preprocess` first")
-    return json.loads(p.read_text())
+    man = json.loads(p.read_text())
+    if man.get("version") != 2 or "songs" not in man:
+        raise ValueError(f"{p} was written by an older preprocess (fixed segments, version {man.get('version')}); "
+                         "re-run `python -m duotok.stages.preprocess` (dvc repro does)")
+    return man
 
-class SegmentDataset(Dataset):
-    """Segments of one split. `fields=None` serves every field; pass a subset (e.g. `("mel_mix",)`) to
-    read only those arrays. Items are dicts of tensors (float32 / int64 / bool) plus `song`, `segment` strings."""
-    def __init__(self, root: str | os.PathLike = "outputs/preprocess", split: str = "train", fields=None):
+class SongIndex:
+    "The song index at `root`: records, stem reading (`read`), lyric / level labels (`labels`, cached per process)."
+    def __init__(self, root: str | os.PathLike = "outputs/preprocess"):
         self.root = Path(root); self.manifest = load_manifest(root)
+        self.songs, self.audio, self.vocab = self.manifest["songs"], self.manifest["audio"], self.manifest["vocab"]
+        self.silence_db = float(self.manifest["silence"]["silence_db"])
+        self._labels: dict = {}; self._pid = None
+
+    def split_songs(self, split: str) -> list[str]:
         if split not in self.manifest["splits"]: raise KeyError(f"split {split!r} not in {list(self.manifest['splits'])}")
-        self.split = split
+        return list(self.manifest["splits"][split]["songs"])
+
+    def path(self, sid: str, stem: str) -> Path:
+        p = Path(self.songs[sid]["stems"][stem])
+        return p if p.is_absolute() else self.root / p
+
+    def labels(self, sid: str) -> dict[str, np.ndarray]:
+        "`char_id`, `char_start`, `char_end`, `level_db` of a song (see `nbs/12_preprocess`)."
+        if self._pid != os.getpid(): self._labels, self._pid = {}, os.getpid()   # per worker process
+        if sid not in self._labels:
+            if len(self._labels) >= 256: self._labels.clear()
+            with np.load(self.root / self.songs[sid]["labels"]) as z: self._labels[sid] = {k: z[k] for k in z.files}
+        return self._labels[sid]
+
+    def read(self, sid: str, stems, t0: float, seconds: float, sr: int) -> np.ndarray:
+        """Mono float32 (len(stems), round(seconds x sr)) of the stems of `sid` from `t0` s, resampled to `sr`
+        (soxr, with a 10 ms margin each side); zeros outside the song."""
+        rec = self.songs[sid]; fsr = int(rec["sample_rate"])
+        n_out, a, n = int(round(seconds * sr)), int(round(t0 * fsr)), int(round(seconds * fsr))
+        m = int(round(RESAMPLE_MARGIN_S * fsr)) if fsr != sr else 0
+        buf = np.zeros((len(stems), n + 2 * m), np.float32); lo = a - m
+        for k, s in enumerate(stems):
+            with sf.SoundFile(str(self.path(sid, s))) as f:
+                r0, r1 = max(lo, 0), min(lo + n + 2 * m, f.frames, int(rec["frames"]))
+                if r1 > r0:
+                    f.seek(r0)
+                    x = f.read(r1 - r0, dtype="float32", always_2d=True)
+                    buf[k, r0 - lo:r0 - lo + len(x)] = x[:, 0] if x.shape[1] == 1 else x.mean(1)
+        if fsr == sr: return buf[:, :n_out]
+        import soxr
+        mo, out = int(round(m * sr / fsr)), np.zeros((len(stems), n_out), np.float32)
+        for k in range(len(stems)):                 # one channel at a time: ~10x faster than soxr on interleaved channels
+            y = soxr.resample(buf[k], fsr, sr, quality="VHQ")[mo:mo + n_out]
+            out[k, :len(y)] = y
+        return out
+
+# %% ../nbs/13_data.ipynb #eacbcd90
+def _db(x: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(np.square(x, dtype=np.float64)) + 1e-20))
+
+def _needs(fields) -> tuple[set, set]:
+    "Tracks needed at 24 kHz and at 48 kHz by `fields` (tracks: mix, vocals, acc, stems)."
+    n24, n48 = set(), set()
+    for f in fields:
+        if f in DERIVED or f in SUMS: n24.add(f.split("_", 1)[1])
+        elif f == "wav24_stems": n24.add("stems")
+        elif f in ("wav48_vocals", "wav48_acc"): n48.add(f.split("_", 1)[1])
+    return n24, n48
+
+def _stems_for(tracks: set) -> tuple[str, ...]:
+    return tuple(s for s in STEMS if any(s in TRACK_STEMS[t] for t in tracks))
+
+class _Items(Dataset):
+    def __init__(self, root, split: str, fields, index: SongIndex | None = None):
+        self.index = index if index is not None else SongIndex(root)
+        self.root, self.split = Path(root), split
         self.fields = tuple(FIELDS if fields is None else fields)
-        bad = set(self.fields) - set(FIELDS)
-        if bad: raise KeyError(f"unknown fields {sorted(bad)}; known: {FIELDS}")
-        self.shards = self.manifest["splits"][split]["shards"]
-        self.offsets = np.cumsum([0] + [s["n"] for s in self.shards]).tolist()
-        self.vocab = self.manifest["vocab"]
-        self._open: dict = {}
-        self._pid = None
+        bad = set(self.fields) - set(ALL_FIELDS)
+        if bad: raise KeyError(f"unknown fields {sorted(bad)}; known: {ALL_FIELDS}")
+        a = self.index.audio
+        self.sr24, self.sr48, self.token_rate, self.hop = a["encoder_sample_rate"], a["sample_rate"], a["token_rate"], a["hop_length"]
+        self.n24, self.n48 = _needs(self.fields)
+        self.stems24, self.stems48 = _stems_for(self.n24), _stems_for(self.n48)
+        self.deferred = tuple(f for f in self.fields if f in DERIVED)
+        self.vocab = self.index.vocab
+        self.manifest = self.index.manifest
 
-    def __len__(self) -> int: return self.offsets[-1]
+    def _tracks(self, st: dict) -> dict:
+        out = {}
+        if "vocals" in st: out["vocals"] = st["vocals"]
+        if "drums" in st: out["acc"] = st["drums"] + st["bass"] + st["other"]
+        if len(out) == 2: out["mix"] = out["vocals"] + out["acc"]
+        return out
 
-    def _array(self, shard: int, field: str) -> np.ndarray:
-        if self._pid != os.getpid(): self._open, self._pid = {}, os.getpid()   # fresh handles per worker
-        key = (shard, field)
-        if key not in self._open:
-            self._open[key] = np.load(self.root / "shards" / self.shards[shard]["name"] / f"{field}.npy", mmap_mode="r")
-        return self._open[key]
+    def _make(self, sid: str, t0: float, seconds: float, rng=None, flags=None, augment=None, remix=None) -> dict:
+        item, silent = {}, {}
+        for sr, stems, tracks, pref in ((self.sr24, self.stems24, self.n24, "wav24"), (self.sr48, self.stems48, self.n48, "wav48")):
+            if not stems: continue
+            x = self.index.read(sid, stems, t0, seconds, sr)
+            st = dict(zip(stems, x))
+            tr = self._tracks(st)
+            for k in ("vocals", "acc"):
+                if k in tr and k not in silent: silent[k] = _db(tr[k]) < self.index.silence_db
+            if rng is not None:
+                if remix is not None and "vocals" in st and "drums" in st: st = remix(st, sr, rng)
+                if augment is not None:
+                    x = augment[sr](np.stack([st[s] for s in stems]), rng); st = dict(zip(stems, x))
+                tr = self._tracks(st)
+            for t in tracks:
+                if t == "stems": item["wav24_stems"] = torch.from_numpy(np.stack([st[s] for s in STEMS]))
+                else: item[f"{pref}_{t}"] = torch.from_numpy(np.ascontiguousarray(tr[t]))
+        if flags is not None: silent = {"vocals": bool(flags[0]), "acc": bool(flags[1])}
+        for k in ("vocals", "acc"):
+            if f"silent_{k}" in self.fields:
+                if k not in silent:                     # flag asked without its audio: read the track at 24 kHz
+                    silent[k] = _db(self.index.read(sid, TRACK_STEMS[k], t0, seconds, self.sr24).sum(0)) < self.index.silence_db
+                item[f"silent_{k}"] = torch.tensor(bool(silent[k]))
+        if {"lyric_ids", "lyric_len", "lyric_frames"} & set(self.fields):
+            n_tok = int(round(seconds * self.token_rate))
+            ids, frames = segment_lyrics(self.index.labels(sid), t0, t0 + seconds, self.token_rate, n_tok)
+            if "lyric_ids" in self.fields: item["lyric_ids"] = torch.tensor(ids, dtype=torch.long)
+            if "lyric_len" in self.fields: item["lyric_len"] = torch.tensor(len(ids), dtype=torch.long)
+            if "lyric_frames" in self.fields: item["lyric_frames"] = torch.from_numpy(frames)
+        if "song" in self.fields: item["song"] = sid
+        if "segment" in self.fields: item["segment"] = f"{sid}@{t0:.2f}"
+        return item
+
+# %% ../nbs/13_data.ipynb #32592baa
+class SegmentDataset(_Items):
+    """The fixed evaluation grid of one split (segments of the index's `segment_s`, in song order). `fields=None`:
+    every field of `FIELDS`; items are dicts of tensors (float32 / int64 / bool) plus `song`, `segment` strings, with
+    exactly the requested fields (features computed here, on the CPU). `lyric_ids` has the item's own length
+    (`collate` pads a batch). `max_items` > 0 keeps that many segments, evenly spaced over the grid."""
+    def __init__(self, root: str | os.PathLike = "outputs/preprocess", split: str = "train", fields=None,
+                 index: SongIndex | None = None, max_items: int = 0):
+        super().__init__(root, split, fields, index)
+        songs = self.index.songs
+        self.items = [(sid, float(g[0]), g[1], g[2]) for sid in self.index.split_songs(split) for g in songs[sid]["grid"]]
+        if max_items and len(self.items) > max_items:        # a fixed subset, evenly spread over the songs
+            self.items = [self.items[i] for i in np.linspace(0, len(self.items) - 1, max_items).round().astype(int)]
+        self.segment_s = float(self.index.audio["segment_s"])
+        self.features = Features.from_manifest(self.index.manifest, self.deferred) if self.deferred else None
+
+    def __len__(self) -> int: return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         if i < 0: i += len(self)
         if not 0 <= i < len(self): raise IndexError(f"segment {i} out of range ({len(self)} in split {self.split!r})")
-        k = bisect_right(self.offsets, i) - 1; j = i - self.offsets[k]
-        item = {}
-        for f in self.fields:
-            if f == "song":
-                item[f] = str(self._array(k, "segment")[j]).rsplit("@", 1)[0]; continue
-            x = self._array(k, f)[j]
-            if f == "segment": item[f] = str(x)
-            else: item[f] = torch.from_numpy(np.array(x))
-        return item
+        sid, t0, sv, sa = self.items[i]
+        item = self._make(sid, t0, self.segment_s, flags=(sv, sa))
+        if self.features is not None: item = self.features.item(item)
+        return {k: item[k] for k in self.fields}
 
+# %% ../nbs/13_data.ipynb #330e9ac0
+class CropDataset(_Items):
+    """Random `crop_s` crops of the songs of `split` (see the top of the notebook). `len` = slots per epoch; the
+    item key is `epoch x len + slot` (`EpochSampler`). `augment`: an `AugmentConfig` (None / disabled = the audio as
+    recorded); `remix`: the mix-based stages' cross-song remixing (with `augment.remix_p`); `nonsilent`: `vocals` or
+    `acc`: only songs where that track is active, crop starts redrawn (up to 8 times) while the index's level curve
+    says the track is silent in the crop. Mel / chroma fields are `deferred` to `duotok.features.Features`."""
+    epoch_keys = True
+
+    def __init__(self, root: str | os.PathLike = "outputs/preprocess", split: str = "train", fields=None, crop_s: float = 4.0,
+                 seed: int = 0, augment: AugmentConfig | None = None, remix: bool = False, nonsilent: str | None = None,
+                 index: SongIndex | None = None):
+        super().__init__(root, split, fields, index)
+        self.crop_s, self.seed, self.nonsilent = float(crop_s), int(seed), nonsilent
+        if crop_s <= 0: raise ValueError(f"crop_s must be > 0, got {crop_s}")
+        if self.n24 or "lyric_frames" in self.fields:
+            for name, v in (("crop_s x encoder_sample_rate / hop_length", crop_s * self.sr24 / self.hop),
+                            ("crop_s x token_rate", crop_s * self.token_rate)):
+                if abs(v - round(v)) > 1e-6: raise ValueError(f"{name} = {v} is not an integer; choose data.crop_s accordingly")
+        songs = self.index.split_songs(split)
+        if nonsilent is not None:
+            keep = {"vocals": ("vocals",), "acc": STEMS[1:]}[nonsilent]
+            songs = [s for s in songs if sum(self.index.songs[s]["active_s"][k] for k in keep) > 0]
+        if not songs: raise ValueError(f"CropDataset: no song in split {split!r}" + (f" with active {nonsilent}" if nonsilent else ""))
+        self.songs = songs
+        self.durations = np.array([float(self.index.songs[s]["duration_s"]) for s in songs])
+        self.slots = np.maximum(1, np.round(self.durations / self.crop_s)).astype(np.int64)
+        self.cum = np.cumsum(self.slots)
+        self.frame_rate = self.sr24 / self.hop
+        enabled = augment is not None and augment.enabled
+        if enabled and self.n24 and self.n48:
+            raise ValueError("CropDataset: augmentation of items with both 24 and 48 kHz fields is not supported")
+        self.augment = {sr: Augmenter(augment, sr, self.index.silence_db) for sr in (self.sr24, self.sr48)} if enabled else None
+        self.remix_p = float(augment.remix_p) if (enabled and remix) else 0.0
+
+    def __len__(self) -> int: return int(self.cum[-1])
+
+    def _audible(self, sid: str, t0: float) -> bool:
+        lv = self.index.labels(sid)["level_db"][0 if self.nonsilent == "vocals" else 1].astype(np.float64)
+        r = self.index.audio.get("level_rate", 4)
+        b = lv[int(t0 * r):max(int(math.ceil((t0 + self.crop_s) * r)), int(t0 * r) + 1)]
+        return len(b) > 0 and 10 * np.log10(np.mean(10 ** (b / 10)) + 1e-20) >= self.index.silence_db
+
+    def locate(self, key: int) -> tuple[str, float, np.random.Generator]:
+        "(song, start s, the item's generator) of item `key` = epoch x len + slot."
+        epoch, i = divmod(int(key), len(self))
+        rng = np.random.default_rng([self.seed, epoch, i])
+        s = bisect_right(self.cum, i); j = i - (int(self.cum[s - 1]) if s else 0)
+        sid, slack = self.songs[s], max(float(self.durations[s]) - self.crop_s, 0.0)
+        for _ in range(8 if self.nonsilent else 1):
+            t0 = math.floor((j + rng.random()) / self.slots[s] * slack * self.frame_rate) / self.frame_rate
+            if self.nonsilent is None or self._audible(sid, t0): break
+        return sid, t0, rng
+
+    def _remix(self, sid: str, st: dict, sr: int, rng: np.random.Generator) -> dict:
+        "With probability remix_p: the drums, bass and other of a random crop of another song of the split."
+        if rng.random() >= self.remix_p or len(self.songs) < 2: return st
+        p = int(rng.integers(len(self.songs) - 1)); p += p >= self.songs.index(sid)
+        t0 = math.floor(rng.random() * max(float(self.durations[p]) - self.crop_s, 0.0) * self.frame_rate) / self.frame_rate
+        x = self.index.read(self.songs[p], STEMS[1:], t0, self.crop_s, sr)
+        return {**st, **dict(zip(STEMS[1:], x))}
+
+    def __getitem__(self, key: int) -> dict:
+        sid, t0, rng = self.locate(key)
+        remix = (lambda st, sr, g: self._remix(sid, st, sr, g)) if self.remix_p > 0 else None
+        return self._make(sid, t0, self.crop_s, rng, augment=self.augment, remix=remix)
+
+class TrackCrops(Dataset):
+    """Random `crop_s` crops of single 48 kHz tracks (`tracks`: vocals, accompaniment) of the songs of `split`, for the
+    VAE: item = float32 (L,) tensor. One epoch = the slots of a `CropDataset` per track (songs where the track is
+    active; starts redrawn where it is silent), track after track; keys `epoch x len + item` as `CropDataset`."""
+    epoch_keys = True
+
+    def __init__(self, root: str | os.PathLike = "outputs/preprocess", split: str = "train", crop_s: float = 0.5,
+                 seed: int = 0, augment: AugmentConfig | None = None, tracks=("vocals", "acc"), index: SongIndex | None = None):
+        index = index if index is not None else SongIndex(root)
+        self.parts = []
+        for k, t in enumerate(tracks):
+            try: self.parts.append(CropDataset(root, split, (f"wav48_{t}",), crop_s, seed + k, augment, nonsilent=t, index=index))
+            except ValueError: continue                         # no song with this track active
+        if not self.parts: raise ValueError(f"TrackCrops: no song of split {split!r} has an active {' or '.join(tracks)} track")
+        self.cum = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self) -> int: return int(self.cum[-1])
+
+    def __getitem__(self, key: int) -> torch.Tensor:
+        epoch, i = divmod(int(key), len(self))
+        p = bisect_right(self.cum, i); ds = self.parts[p]
+        j = i - (int(self.cum[p - 1]) if p else 0)
+        return ds[epoch * len(ds) + j][ds.fields[0]]
+
+# %% ../nbs/13_data.ipynb #5493a4df
 def collate(items: list[dict]) -> dict:
-    "Stack a list of items: tensors -> (B, ...), strings -> lists."
+    "Stack a list of items: tensors -> (B, ...) (1-D integer tensors of different lengths padded with 0), strings -> lists."
     out = {}
     for k in items[0]:
         v = [it[k] for it in items]
-        out[k] = torch.stack(v) if isinstance(v[0], torch.Tensor) else v
+        if isinstance(v[0], torch.Tensor):
+            if v[0].ndim == 1 and not v[0].is_floating_point() and len({x.shape[0] for x in v}) > 1:
+                v = [torch.nn.functional.pad(x, (0, max(y.shape[0] for y in v) - x.shape[0])) for x in v]
+            out[k] = torch.stack(v)
+        else: out[k] = v
     return out
 
-def load_splits(fields, root: str | os.PathLike = "outputs/preprocess", splits=("train", "val")) -> dict:
-    "{split: SegmentDataset(fields), 'manifest': dict, 'collate': collate} from the preprocess outputs in `root`."
-    manifest = load_manifest(root)
-    return {**{s: SegmentDataset(root, s, fields=fields) for s in splits}, "manifest": manifest, "collate": collate}
+def load_splits(fields, root: str | os.PathLike = "outputs/preprocess", splits=("train", "val"), crop_s: float | None = None,
+                seed: int = 0, augment: AugmentConfig | None = None, remix: bool = False, max_eval: int = 0) -> dict:
+    """{split: dataset, 'train_grid', 'manifest', 'collate', 'features'} from the index in `root`: `train` = `CropDataset`
+    (random `crop_s` crops, augmented) when `crop_s` is given, else the grid; other splits and `train_grid`:
+    `SegmentDataset`, at most `max_eval` segments each (0 = all)."""
+    index = SongIndex(root)
+    out = {"manifest": index.manifest, "collate": collate,
+           "features": Features.from_manifest(index.manifest, fields if fields is not None else FIELDS)}
+    for s in splits:
+        out[s] = CropDataset(root, s, fields, crop_s, seed, augment, remix, index=index) if (s == "train" and crop_s) \
+            else SegmentDataset(root, s, fields, index=index, max_items=max_eval)
+    if crop_s and "train" in splits: out["train_grid"] = SegmentDataset(root, "train", fields, index=index, max_items=max_eval)
+    return out
 
-# %% ../nbs/13_data.ipynb #eacbcd90
+# %% ../nbs/13_data.ipynb #c1cd29a3
+class EpochSampler(Sampler[int]):
+    "Keys `epoch x n + i` for the items i of each epoch, shuffled by a local generator (the epoch counts `iter` calls)."
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.shuffle, self.epoch = int(n), shuffle, 0
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int: return self.n
+
+    def __iter__(self):
+        base = self.epoch * self.n; self.epoch += 1
+        order = torch.randperm(self.n, generator=self.generator).tolist() if self.shuffle else range(self.n)
+        return iter([base + i for i in order])
+
 def make_loader(dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0, collate_fn=None,
                 name: str = "dataset") -> DataLoader:
-    """A `DataLoader` over `dataset`. `train=True`: shuffled with `torch.Generator().manual_seed(seed)`, last
-    partial batch dropped when `len(dataset) >= batch_size`; `train=False`: in order, every item. Never zero
-    batches: an empty `dataset` raises a `ValueError` naming `name`, the split size and the batch size."""
+    """A `DataLoader` over `dataset`. `train=True`: shuffled with a generator seeded by `seed` (`EpochSampler` for
+    datasets with `epoch_keys`), last partial batch dropped when `len(dataset) >= batch_size`; `train=False`: in
+    order, every item. Never zero batches: an empty `dataset` raises a `ValueError` naming `name`, the split size and
+    the batch size. `num_workers` processes read items in parallel (each opens its own files)."""
     n = len(dataset)
     if batch_size < 1: raise ValueError(f"{name}: batch size must be >= 1, got {batch_size}")
     if n == 0:
         raise ValueError(f"{name}: the split has 0 items (batch size {batch_size}); nothing to "
                          f"{'train on' if train else 'evaluate'}: check the preprocess outputs and the split fractions")
+    drop = train and n >= batch_size
+    if getattr(dataset, "epoch_keys", False):
+        sampler = EpochSampler(n, seed) if train else SequentialSampler(range(n))
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop, num_workers=num_workers,
+                          collate_fn=collate_fn)
     g = torch.Generator().manual_seed(int(seed)) if train else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and n >= batch_size,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=drop,
                       num_workers=num_workers, collate_fn=collate_fn, generator=g)

@@ -19,9 +19,9 @@ from .config import AudioConfig, DecoderConfig, expect_kind, read_section
 # %% auto #0
 __all__ = ['TRACKS', 'sinusoidal_positions', 'modulate', 'DiTBlock', 'DiTDenoiser', 'LatentDecoder', 'make_scheduler',
            'flow_matching_loss', 'sample', 'chunk_starts', 'crossfade_weights', 'TokenDecoder', 'build_latent_decoder',
-           'latent_decoder_from_config', 'encode_latents', 'latent_stats', 'write_pre_encoded', 'load_pre_encoded',
-           'TokenLatentChunks', 'FlowMatchingObjective', 'mean_spectrum', 'random_phase_audio', 'score',
-           'score_decoder']
+           'latent_decoder_from_config', 'encode_latents', 'latents_file', 'latent_stats', 'write_pre_encoded',
+           'load_pre_encoded', 'TokenLatentChunks', 'FlowMatchingObjective', 'mean_spectrum', 'random_phase_audio',
+           'score', 'score_decoder']
 
 # %% ../nbs/52_diffusion.ipynb #b3e20a7e
 def sinusoidal_positions(n: int, dim: int, device=None) -> torch.Tensor:
@@ -272,8 +272,10 @@ class TokenDecoder:
         return z[:B], z[B:]
 
     @torch.no_grad()
-    def decode(self, ids_v: torch.Tensor, ids_a: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids_v, ids_a (B, T) int64 (or (T,)) -> wav_v, wav_a (B, T * samples_per_token) float32 at 48 kHz."""
+    def decode(self, ids_v: torch.Tensor, ids_a: torch.Tensor, seed: int = 0,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids_v, ids_a (B, T) int64 (or (T,)) -> wav_v, wav_a (B, T * samples_per_token) float32 at 48 kHz.
+        `progress`: a bar over the chunks (seconds of audio)."""
         ids_v, ids_a = torch.as_tensor(ids_v), torch.as_tensor(ids_a)
         squeeze = ids_v.dim() == 1
         if squeeze:
@@ -289,6 +291,9 @@ class TokenDecoder:
         out = torch.zeros(2, B, T * spt)
         norm = torch.zeros(T * spt)
         starts = chunk_starts(T, self.chunk_tokens, self.overlap_tokens)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=round(T / self.token_rate, 1), desc="decode", unit="audio s", disable=not progress,
+                   mininterval=1.0, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} audio s [{elapsed}<{remaining}, {rate_fmt}]")
         for i, s in enumerate(starts):
             e = min(T, s + self.chunk_tokens)
             zv, za = self.decode_latents(ids_v[:, s:e], ids_a[:, s:e], seed=seed + i)
@@ -298,7 +303,9 @@ class TokenDecoder:
             w = crossfade_weights(e * spt - s * spt, max(0, fade_in), max(0, fade_out))
             out[:, :, s * spt: e * spt] += rearrange(wav, "(k b) l -> k b l", k=2) * w
             norm[s * spt: e * spt] += w
-        out = out / norm.clamp_min(1e-8)
+            bar.update(round(((starts[i + 1] if i + 1 < len(starts) else T) - s) / self.token_rate, 3))
+        bar.close()
+        out.div_(norm.clamp_min(1e-8))                                   # in place: long songs
         wav_v, wav_a = out[0], out[1]
         return (wav_v[0], wav_a[0]) if squeeze else (wav_v, wav_a)
 
@@ -318,15 +325,19 @@ def latent_decoder_from_config(cfg: dict, where: str = "checkpoint") -> LatentDe
                                 read_section(cfg, "audio", where))
 
 # %% ../nbs/52_diffusion.ipynb #1c693bf8
+import os
+
 import numpy as np
 
 from .core import atomic_save_npy
 
 
 @torch.no_grad()
-def encode_latents(vae, dataset, progress: bool = False) -> np.ndarray:
+def encode_latents(vae, dataset, progress: bool = False, alloc=None) -> np.ndarray:
     """(N, 2, C, T50) float32 posterior-mean latents of `wav48_vocals` / `wav48_acc` of every item (both stems of
-    a segment in one batch: a memory-bound VAE encoder runs faster on (2, 4 s) than on (16, 4 s) batches on CPU)."""
+    a segment in one batch: a memory-bound VAE encoder runs faster on (2, 4 s) than on (16, 4 s) batches on CPU).
+    `alloc(shape)` gives the array to fill (default `np.zeros`; `latents_file` for a memory-mapped file, so a large
+    split never sits in RAM)."""
     from tqdm.auto import tqdm
     out = None
     for i in tqdm(range(len(dataset)), desc="latents", disable=not progress, mininterval=5):
@@ -335,24 +346,40 @@ def encode_latents(vae, dataset, progress: bool = False) -> np.ndarray:
                            torch.as_tensor(np.asarray(it["wav48_acc"]), dtype=torch.float32)])  # (2, L48)
         z = vae.encode(wav).numpy()  # (2, C, T50)
         if out is None:
-            out = np.zeros((len(dataset), *z.shape), np.float32)
+            out = (alloc or (lambda shape: np.zeros(shape, np.float32)))((len(dataset), *z.shape))
         out[i] = z
     return out if out is not None else np.zeros((0, 2, 0, 0), np.float32)
 
 
-def latent_stats(lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    "Per-track per-channel mean and std (2, C) of latents (N, 2, C, T50)."
-    return lat.mean(axis=(0, 3)).astype(np.float32), (lat.std(axis=(0, 3)) + 1e-5).astype(np.float32)
+def latents_file(out: str | Path, split: str, shape: tuple) -> np.memmap:
+    "A writable float32 `.npy` memory map for `latents_<split>.npy` (a temp name; `write_pre_encoded` renames it)."
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(out / f".latents_{split}.npy.tmp", mode="w+", dtype=np.float32, shape=shape)
+
+
+def latent_stats(lat: np.ndarray, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    "Per-track per-channel mean and std (2, C) of latents (N, 2, C, T50), in blocks of `block` rows (memory-mapped input)."
+    s = q = 0.0; n = 0
+    for i in range(0, len(lat), block):
+        x = np.asarray(lat[i:i + block], dtype=np.float64)
+        s = s + x.sum(axis=(0, 3)); q = q + (x ** 2).sum(axis=(0, 3)); n += x.shape[0] * x.shape[3]
+    mean = s / max(n, 1)
+    return mean.astype(np.float32), (np.sqrt(np.maximum(q / max(n, 1) - mean ** 2, 0.0)) + 1e-5).astype(np.float32)
 
 
 def write_pre_encoded(out: str | Path, split: str, tokens, latents: np.ndarray) -> None:
-    "Write `tokens_<split>.npz` (a `DualTokens` shard) and `latents_<split>.npy` atomically."
+    """Write `tokens_<split>.npz` (a `DualTokens` shard) and `latents_<split>.npy` atomically (a `latents_file` map is
+    flushed and renamed, not copied)."""
     out = Path(out)
     if latents.shape[0] != len(tokens) or latents.shape[-1] != 2 * tokens.n_tokens:
         raise ValueError(f"pre_encode: {split} has {len(tokens)} x {tokens.n_tokens} tokens but latents {latents.shape} "
                          "(want N matching rows, 2 latent frames per token)")
     tokens.save(out / f"tokens_{split}.npz")
-    atomic_save_npy(out / f"latents_{split}.npy", latents.astype(np.float32))
+    tmp = out / f".latents_{split}.npy.tmp"
+    if isinstance(latents, np.memmap) and latents.filename and Path(latents.filename).resolve() == tmp.resolve():
+        latents.flush(); os.replace(tmp, out / f"latents_{split}.npy")
+    else:
+        atomic_save_npy(out / f"latents_{split}.npy", latents.astype(np.float32))
 
 
 def load_pre_encoded(root: str | Path, split: str):
@@ -370,27 +397,29 @@ def load_pre_encoded(root: str | Path, split: str):
 
 
 class TokenLatentChunks(torch.utils.data.Dataset):
-    """Training items from a `DualTokens` shard (N, T) and latents (N, 2, C, upsample T). Item k = (segment
-    k // 2, track k % 2) -> {"ids": (chunk,), "lat": (C, upsample chunk), "track": ()}, a random crop of `chunk`
-    tokens (the whole segment if shorter) drawn from the dataset's own seeded generator."""
+    """Training items from a `DualTokens` shard (N, T) and latents (N, 2, C, upsample T) (memory-mapped: rows are
+    read when used). Item key `epoch x len + k` (`duotok.data.EpochSampler`), k = (segment k // 2, track k % 2) ->
+    {"ids": (chunk,), "lat": (C, upsample chunk), "track": ()}, a random crop of `chunk` tokens (the whole segment if
+    shorter) at an offset drawn from `default_rng([seed, epoch, k])` (the same with any number of loader workers)."""
+    epoch_keys = True
 
     def __init__(self, tokens, lat: np.ndarray, chunk: int, upsample: int = 2, seed: int = 0):
         self.ids = np.stack([np.asarray(tokens.vocals), np.asarray(tokens.accompaniment)], 1)  # (N, 2, T)
-        self.lat = np.asarray(lat, dtype=np.float32)
+        self.lat = lat if (isinstance(lat, np.ndarray) and lat.dtype == np.float32) else np.asarray(lat, dtype=np.float32)
         if self.lat.shape[-1] != upsample * self.ids.shape[-1]:
             raise ValueError(f"latents have {self.lat.shape[-1]} frames for {self.ids.shape[-1]} tokens (want x{upsample})")
-        self.chunk, self.up = min(chunk, self.ids.shape[-1]), upsample
-        self.rng = np.random.default_rng(seed)
+        self.chunk, self.up, self.seed = min(chunk, self.ids.shape[-1]), upsample, int(seed)
 
     def __len__(self):
         return 2 * self.ids.shape[0]
 
-    def __getitem__(self, k):
+    def __getitem__(self, key):
+        epoch, k = divmod(int(key), len(self))
         i, tr = divmod(k, 2)
         T = self.ids.shape[-1]
-        s = int(self.rng.integers(0, T - self.chunk + 1))
+        s = int(np.random.default_rng([self.seed, epoch, k]).integers(0, T - self.chunk + 1))
         return {"ids": torch.from_numpy(self.ids[i, tr, s:s + self.chunk].copy()),
-                "lat": torch.from_numpy(self.lat[i, tr, :, self.up * s:self.up * (s + self.chunk)].copy()),
+                "lat": torch.from_numpy(np.array(self.lat[i, tr, :, self.up * s:self.up * (s + self.chunk)], dtype=np.float32)),
                 "track": torch.tensor(tr)}
 
 

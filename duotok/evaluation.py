@@ -7,6 +7,7 @@ baseline), the generated accompaniment, and the results table and plots."""
 # %% ../nbs/62_evaluation.ipynb #4969fb4b
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -19,9 +20,10 @@ from . import metrics as M
 from .core import atomic_write_json
 
 # %% auto #0
-__all__ = ['PUBLISHED', 'published_points', 'load_token_split', 'prompt_tokens', 'token_lm', 'lm_metrics', 'token_metrics',
-           'Prefixed', 'load_test_audio', 'lyric_text', 'reconstruction_part', 'generate_example', 'evaluation_notes',
-           'results_markdown', 'make_plots', 'attach_score_f0', 'stability_splits', 'pitch_probe_part',
+__all__ = ['PUBLISHED', 'CONTEXT_KEYS', 'published_points', 'load_token_split', 'prompt_tokens', 'lm_metrics', 'context_metrics',
+           'test_songs', 'token_metrics', 'Prefixed', 'load_test_audio', 'lyric_text', 'reconstruction_part',
+           'load_mix_items', 'mix_part', 'generate_example', 'evaluation_notes', 'results_markdown', 'context_markdown',
+           'mix_markdown', 'make_plots', 'attach_score_f0', 'stability_splits', 'pitch_probe_part',
            'stability_markdown', 'stability_plot']
 
 # %% ../nbs/62_evaluation.ipynb #04e0b80b
@@ -66,45 +68,59 @@ def prompt_tokens(T: int, prompt_s: float, token_rate: int) -> int:
     return min(T - 1, max(0, int(round(prompt_s * token_rate))))
 
 
-def token_lm(cfg, codebook_sizes, seed: int) -> "L.TokenLM":
-    "A fresh `TokenLM` of the `evaluate.lm` section, initialised from `seed` (same init for both protocols)."
-    with torch.random.fork_rng():                  # independent of what ran before, global RNG untouched
-        torch.manual_seed(seed)
-        return L.TokenLM(L.TokenLMConfig.from_params(cfg, codebook_sizes))
-
-
-def lm_metrics(models: dict, train, test, prompt: int) -> dict[str, float]:
-    """Test CE / PPL / PPL@1024 / bits per token of the trained LMs `models` ({'dual', 'v2a'}) on the `test` shard,
-    the unconditional LM's CE on the positions `v2a` scores (`acc_tail`), and the unigram baselines."""
+def lm_metrics(models: dict, train, test, prompt: int, context: int | None = None) -> dict[str, float]:
+    """Test CE / PPL / PPL@1024 / bits per token of the trained LMs `models` ({'dual', 'v2a'}) on the items of `test`
+    (windows of at most `context` tokens; `duotok.lm.lm_scores`, the scoring `duotok lm train` validates with), the
+    unconditional LM's CE on the positions `v2a` scores (`acc_tail`), and the unigram baselines."""
     V = tuple(train.codebook_sizes)
-    metrics = {"lm/prompt_tokens": prompt, "lm/T": train.n_tokens}
-    stream_V = {"vocals": V[0], "acc": V[1], "acc_tail": V[1]}
+    context = context or max(int(test.lengths.max()), 1)
+    wins = L.windows(test, context)
+    tr = L.token_items(train)
+    metrics = {"lm/prompt_tokens": prompt, "lm/T": int(max(len(w[0]) for w in wins)), "lm/context": context}
     for proto, model in models.items():
-        te = L.build_sequences(test.vocals, test.accompaniment, V, proto, prompt=prompt if proto == "v2a" else 0)
-        ce = L.score_lm(model, te)
-        ce0 = L.score_lm(model, te, mask="score_no_eos_mask")  # second figure: EOS not scored
-        if proto == "dual":  # the accompaniment positions v2a scores, for the conditional-vs-unconditional comparison
-            tail = L.build_sequences(test.vocals, test.accompaniment, V, proto, prompt=prompt)
-            tail.score_mask[:, 0] = False
-            ce["acc_tail"] = L.score_lm(model, tail)["acc"]
-            ce0["acc_tail"] = L.score_lm(model, tail, mask="score_no_eos_mask")["acc"]
-        for s, c in ce.items():
-            if math.isfinite(c):
-                metrics.update({f"lm/{proto}/{s}/{k}": v for k, v in L.ppl_metrics(c, stream_V[s]).items()})
-        metrics.update({f"lm/{proto}/{k}": v for k, v in L.no_eos_metrics(ce0, stream_V).items()})
-        if proto == "dual":
-            both = L.stream_metrics({"vocals": ce["vocals"], "acc": ce["acc"]}, V)   # keys "<stream>/<metric>"
-            metrics.update({f"lm/dual/{k}": v for k, v in both.items() if k.startswith("overall/")})
+        sc = L.lm_scores(model, proto, wins, prompt=prompt)
+        metrics.update({f"lm/{proto}/{k}": v for k, v in sc.items() if k not in ("n_windows", "n_tokens")})
         metrics[f"lm/{proto}/params"] = sum(p.numel() for p in model.parameters())
-    uni = {"vocals": L.unigram_ce(train.vocals, test.vocals, V[0]),
-           "acc": L.unigram_ce(train.accompaniment, test.accompaniment, V[1]),
-           "acc_tail": L.unigram_ce(train.accompaniment[:, prompt:], test.accompaniment[:, prompt:], V[1])}
+    uni = {"vocals": L.unigram_ce([v for v, _ in tr], [v for v, _ in wins], V[0]),
+           "acc": L.unigram_ce([a for _, a in tr], [a for _, a in wins], V[1]),
+           "acc_tail": L.unigram_ce([a[prompt:] for _, a in tr], [a[prompt:] for _, a in wins if len(a) > prompt], V[1])}
     for s, (c, a) in uni.items():
         metrics.update({f"unigram/{s}/{k}": v for k, v in L.ppl_metrics(c, V[0 if s == "vocals" else 1]).items()})
         metrics[f"unigram/{s}/alpha"] = a
     metrics.update({f"unigram/overall/{k}": v for k, v in
                     L.ppl_metrics((uni["vocals"][0] + uni["acc"][0]) / 2, float(np.sqrt(V[0] * V[1]))).items()})
     return metrics
+
+
+CONTEXT_KEYS = ("dual/overall/ppl_1024", "dual/overall/ce", "dual/acc_tail/ce", "v2a/acc/ppl_1024", "v2a/acc/ce")
+"What `context_metrics` reports per context length (the LM table's figures)."
+
+
+def context_metrics(models: dict, songs, contexts, prompt: int) -> dict[str, float]:
+    """PPL@1024 of the LMs on complete windows of `c` tokens of whole songs (`songs`: a `DualTokens`), for each `c`
+    of `contexts`: `lm/ctx<c>/<protocol>/<stream>/<metric>` (`CONTEXT_KEYS`) and `lm/ctx<c>/n_windows`; a context
+    longer than every song gives `n_windows` 0 and no figure. `lm/songs/longest` = the longest song in tokens."""
+    out = {"lm/songs/n": float(len(songs)), "lm/songs/longest": float(songs.lengths.max()) if len(songs) else 0.0}
+    for c in contexts:
+        wins = L.windows(songs, int(c), full=True)
+        out[f"lm/ctx{c}/n_windows"] = float(len(wins))
+        if not wins: continue
+        for proto, model in models.items():
+            sc = L.lm_scores(model, proto, wins, prompt=prompt)
+            out.update({f"lm/ctx{c}/{k}": v for k in CONTEXT_KEYS if k.startswith(proto + "/")
+                        and (v := sc.get(k.split("/", 1)[1])) is not None})
+    return out
+
+
+def test_songs(root: str | Path, prep_root: str | Path, split: str = "test") -> list:
+    """`duotok.tokenize.SongSource`s of the whole songs of `split` (ids from the preprocess manifest's `song_split`)
+    found under the song folders of `root` (the render stage's `outputs/render/songs`); [] when either is missing."""
+    from duotok.tokenize import folder_source
+    man = Path(prep_root) / "manifest.json"
+    if not man.exists() or not Path(root).is_dir(): return []
+    split_of = json.loads(man.read_text()).get("song_split", {})
+    return [folder_source(Path(root) / sid, Path(root)) for sid in sorted(split_of)
+            if split_of[sid] == split and (Path(root) / sid).is_dir()]
 
 
 def token_metrics(train, test) -> tuple[dict[str, float], dict]:
@@ -214,6 +230,29 @@ def reconstruction_part(tok, items: list[dict], sr: int, pitch_segments: int = 0
                                                               for t in zip(lyr["ref"], lyr["orig"], lyr["dec"])])
     return out, rows, {"vocals": np.stack([t.vocals for t in toks]), "acc": np.stack([t.accompaniment for t in toks])}
 
+# %% ../nbs/62_evaluation.ipynb #cd99fe04
+def load_mix_items(root: str | Path, split: str, n: int = 0) -> list[dict]:
+    "Items (`segment`, `wav24_mix`, `wav24_stems`) of a preprocess split, the first `n` (0 = all)."
+    from duotok.data import SegmentDataset
+    ds = SegmentDataset(root, split=split, fields=["wav24_mix", "wav24_stems", "segment"])
+    return [ds[i] for i in range(len(ds) if not n else min(n, len(ds)))]
+
+
+def mix_part(tok, items: list[dict]) -> tuple[dict[str, float], list[str]]:
+    "(metrics `sep/*`, `mix/*`, notes) of the tokenizer's separator on `items` (see above)."
+    from duotok.separate import mix_token_agreement, separation_metrics
+    sep = getattr(tok, "separator", None) if hasattr(type(tok), "encode_mix") else None
+    if sep is None:
+        return {}, ["mixes in: not measured (the tokenizer has no separator: a package without separator/)"]
+    if not items:
+        return {}, ["mixes in: not measured (no test segments with 24 kHz mix and stems)"]
+    a = tok.encoder.audio
+    vi, sr = list(a.stems).index("vocals"), int(a.encoder_sample_rate)
+    t0 = time.time()
+    m = {**separation_metrics(sep, items, sr, vi), **mix_token_agreement(tok, items, sep, sr, vi)}
+    m["mix_s"] = round(time.time() - t0, 1)
+    return m, []
+
 # %% ../nbs/62_evaluation.ipynb #65f7cfe2
 def generate_example(model, test, prompt: int, temperature: float, top_k: int, seed: int, tok, out_dir: Path | None = None) -> dict[str, float]:
     """Sample the accompaniment of `test[0]` after its first `prompt` tokens with the v2a `model`; with `out_dir`,
@@ -302,9 +341,42 @@ def results_markdown(m: dict, V: tuple[int, int], token_rate: int, notes: list[s
               "(full vocal stream + accompaniment prompt, unscored; then the accompaniment). `acc_tail` = the unconditional "
               "LM's accompaniment CE on the same positions `v2a` scores. Unigram: add-alpha train-split frequencies, alpha "
               "picked on test (a strong baseline).", ""]
+    lines += context_markdown(m) + mix_markdown(m)
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def context_markdown(m: dict) -> list[str]:
+    "The LM figures at several context lengths on whole test songs (`context_metrics`), as Markdown lines."
+    ctx = sorted(int(k.split("/")[1][3:]) for k in m if k.startswith("lm/ctx") and k.endswith("/n_windows"))
+    if not ctx: return []
+    g = lambda k: m.get(k, float("nan"))
+    lines = ["## Token LMs at several context lengths (whole test songs)", "",
+             "| context (tokens) | windows | dual PPL@1024 | dual acc_tail CE | v2a acc PPL@1024 | v2a acc CE |",
+             "|---|---|---|---|---|---|"]
+    for c in ctx:
+        lines.append(f"| {c} | {int(g(f'lm/ctx{c}/n_windows'))} | {_f(g(f'lm/ctx{c}/dual/overall/ppl_1024'), 3)} | "
+                     f"{_f(g(f'lm/ctx{c}/dual/acc_tail/ce'), 3)} | {_f(g(f'lm/ctx{c}/v2a/acc/ppl_1024'), 3)} | "
+                     f"{_f(g(f'lm/ctx{c}/v2a/acc/ce'), 3)} |")
+    return lines + ["", f"Consecutive complete windows of the context length from the {int(g('lm/songs/n'))} test songs "
+                    f"(longest {int(g('lm/songs/longest'))} tokens), tokenized whole by the package; n/a = no test song "
+                    "is that long.", ""]
+
+
+def mix_markdown(m: dict) -> list[str]:
+    "The built-in separation's SI-SDR and the mix-encoded tokens' agreement (`mix_part`), as Markdown lines."
+    if "sep/si_sdr" not in m: return []
+    g = lambda k: m.get(k, float("nan"))
+    return ["## Mixes in: the built-in separation (stage-2 head) on the test split", "",
+            "| | vocals | accompaniment |", "|---|---|---|",
+            f"| SI-SDR of the separated stem (dB) | {_f(g('sep/vocals/si_sdr'), 1)} | {_f(g('sep/acc/si_sdr'), 1)} |",
+            f"| SI-SDR of the unprocessed mix (dB) | {_f(g('sep/vocals/si_sdr_mix'), 1)} | {_f(g('sep/acc/si_sdr_mix'), 1)} |",
+            f"| tokens equal to the true stems' tokens: separated mix | {_f(g('mix/token_agreement/vocals'), 3)} | "
+            f"{_f(g('mix/token_agreement/acc'), 3)} |",
+            f"| same: unprocessed mix as both stems | {_f(g('mix/token_agreement_unseparated/vocals'), 3)} | "
+            f"{_f(g('mix/token_agreement_unseparated/acc'), 3)} |", "",
+            f"{int(g('mix/n_segments'))} test segments; the tokens of both rows and of the stems are computed at 24 kHz.", ""]
 
 
 def make_plots(m: dict, usage: dict, rows: list[dict], plot_dir: Path) -> list[Path]:

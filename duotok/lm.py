@@ -8,8 +8,11 @@ with a KV cache."""
 from __future__ import annotations
 
 import math
+import os
+from collections import defaultdict
 from dataclasses import dataclass, asdict
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,9 +21,11 @@ from einops import rearrange
 from torch import nn
 
 # %% auto #0
-__all__ = ['N_SPECIAL', 'PROTOCOLS', 'STREAM_NAMES', 'sos', 'eos', 'pad', 'TokenLMConfig', 'LMOutput', 'TokenLM', 'LMBatch',
-           'build_sequences', 'lm_loss', 'score_lm', 'LMObjective', 'ppl_metrics', 'stream_metrics', 'no_eos_metrics',
-           'unigram_ce', 'generate_accompaniment', 'synthetic_streams']
+__all__ = ['N_SPECIAL', 'PROTOCOLS', 'STREAM_NAMES', 'LM_KIND', 'sos', 'eos', 'pad', 'TokenLMConfig', 'LMOutput', 'TokenLM',
+           'LMBatch', 'build_sequences', 'lm_loss', 'score_lm', 'LMObjective', 'token_items', 'new_lm', 'positions',
+           'TokenCrops', 'windows', 'score_windows', 'lm_scores', 'train_lm', 'save_lm', 'load_lm', 'ppl_metrics',
+           'stream_metrics', 'no_eos_metrics', 'unigram_ce', 'next_token', 'generate_accompaniment',
+           'generate_accompaniment_long', 'generate_dual', 'synthetic_streams']
 
 # %% ../nbs/61_lm.ipynb #6d631292
 N_SPECIAL = 3
@@ -210,6 +215,173 @@ class LMObjective(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return lm_loss(self.model, batch)
 
+# %% ../nbs/61_lm.ipynb #bc4b8d5f
+def token_items(tokens) -> list[tuple[np.ndarray, np.ndarray]]:
+    "(vocals, acc) arrays of every item of a `DualTokens` (one song, a dense or a ragged shard)."
+    return [(t.vocals, t.accompaniment) for t in tokens] if tokens.is_shard else [(tokens.vocals, tokens.accompaniment)]
+
+
+def new_lm(cfg, codebook_sizes: Sequence[int], seed: int) -> TokenLM:
+    "A fresh `TokenLM` of the `evaluate.lm` section (`LMConfig`), initialised from `seed` (the global RNG untouched)."
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return TokenLM(TokenLMConfig.from_params(cfg, codebook_sizes))
+
+
+def positions(protocol: str, T: int) -> int:
+    "Sequence length of `T` tokens per stream in the `protocol` layout."
+    if protocol not in PROTOCOLS: raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return T + 2 if protocol == "dual" else 2 * T + 4
+
+
+class TokenCrops(torch.utils.data.Dataset):
+    """Training sequences of `protocol`: a random crop of up to `context` tokens per stream of item i of `items`
+    [(vocals, acc)] (whole when it is not longer). The k-th crop of item i starts at a draw of
+    `np.random.default_rng((seed, i, k))`. Empty items are dropped. `collate` pads a batch."""
+
+    def __init__(self, items, codebook_sizes: Sequence[int], protocol: str, context: int, seed: int = 0):
+        positions(protocol, 1)
+        if context < 1: raise ValueError(f"TokenCrops: context must be >= 1, got {context}")
+        self.items = [(np.asarray(v), np.asarray(a)) for v, a in items if len(v) > 0]
+        self.V, self.protocol, self.context, self.seed = tuple(codebook_sizes), protocol, int(context), int(seed)
+        self.draws = [0] * len(self.items)
+
+    def __len__(self) -> int: return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        v, a = self.items[i]
+        if len(v) > self.context:
+            rng = np.random.default_rng((self.seed, i, self.draws[i])); self.draws[i] += 1
+            s = int(rng.integers(0, len(v) - self.context + 1))
+            v, a = v[s:s + self.context], a[s:s + self.context]
+        return build_sequences(v[None], a[None], self.V, self.protocol)[0]
+
+    def collate(self, items: list[dict]) -> dict:
+        "Right-pad to the longest sequence: ids with each stream's PAD, masks False."
+        L = max(it["ids"].shape[-1] for it in items)
+        ids = torch.stack([torch.stack([F.pad(it["ids"][k], (0, L - it["ids"].shape[-1]), value=pad(V))
+                                        for k, V in enumerate(self.V)]) for it in items])
+        m = lambda key: torch.stack([F.pad(it[key], (0, L - 1 - it[key].shape[-1]), value=False) for it in items])
+        return {"ids": ids, "train_mask": m("train_mask"), "score_mask": m("score_mask")}
+
+
+def windows(tokens, context: int, full: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Consecutive windows of `context` tokens of every item of `tokens` (a `DualTokens` or a list of (vocals, acc));
+    `full`: complete windows only (items shorter than `context` give none), else each item's shorter last one too."""
+    items = token_items(tokens) if not isinstance(tokens, (list, tuple)) else tokens
+    out = []
+    for v, a in items:
+        for s in range(0, len(v), context):
+            if len(v) - s >= context or (not full and len(v) > s):
+                out.append((np.asarray(v[s:s + context]), np.asarray(a[s:s + context])))
+    return out
+
+
+@torch.no_grad()
+def score_windows(model: TokenLM, protocol: str, wins, prompt: int = 0, batch_size: int = 32) -> dict[str, float]:
+    """Mean CE (nats) over the scored targets of the windows `wins` [(vocals, acc)] of any lengths (grouped by length):
+    `vocals`, `acc` (dual: both streams; v2a: the accompaniment after the `prompt` tokens), for dual `acc_tail` (the
+    accompaniment after `prompt`: the positions v2a scores), and each `<stream>_no_eos` without the EOS target.
+    Windows of at most `prompt` tokens have nothing after the prompt: v2a and `acc_tail` skip them. NaN if none."""
+    V = model.cfg.codebook_sizes
+    sums, counts = defaultdict(float), defaultdict(float)
+    was = model.training
+    model.eval()
+
+    def add(seq: LMBatch, names: dict) -> None:
+        for i in range(0, len(seq), batch_size):
+            for mask, suffix in (("score_mask", ""), ("score_no_eos_mask", "_no_eos")):
+                s, c = _ce(model, seq.ids[i:i + batch_size], getattr(seq, mask)[i:i + batch_size])
+                for k, name in names.items():
+                    sums[name + suffix] += float(s[k].double()); counts[name + suffix] += float(c[k])
+
+    groups: dict[int, list] = defaultdict(list)
+    for v, a in wins:
+        if len(v): groups[len(v)].append((v, a))
+    for T, ws in sorted(groups.items()):
+        v, a = np.stack([w[0] for w in ws]), np.stack([w[1] for w in ws])
+        if protocol == "dual":
+            add(build_sequences(v, a, V, "dual"), {0: "vocals", 1: "acc"})
+            if prompt < T: add(build_sequences(v, a, V, "dual", prompt=prompt), {1: "acc_tail"})
+        elif protocol == "v2a":
+            if prompt < T: add(build_sequences(v, a, V, "v2a", prompt=prompt), {1: "acc"})
+        else:
+            raise ValueError(f"score_windows: protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    model.train(was)
+    return {k: sums[k] / counts[k] if counts[k] > 0 else float("nan") for k in sums}
+
+
+def lm_scores(model: TokenLM, protocol: str, wins, prompt: int = 0, batch_size: int = 32) -> dict[str, float]:
+    """The reported figures of one LM on the windows `wins`: `<stream>/{ce, ppl, ppl_1024, bpt, bpt_norm}` over the
+    benchmark's targets for every scored stream (`vocals`, `acc`, dual also `acc_tail` and `overall` = both streams),
+    `<stream>/{ce_no_eos, ppl_1024_no_eos}`, and `n_windows`, `n_tokens`."""
+    V = model.cfg.codebook_sizes
+    ce = score_windows(model, protocol, wins, prompt, batch_size)
+    stream_V = {"vocals": V[0], "acc": V[1], "acc_tail": V[1]}
+    out = {"n_windows": float(len(wins)), "n_tokens": float(sum(len(w[0]) for w in wins))}
+    for s in ("vocals", "acc", "acc_tail"):
+        c = ce.get(s, float("nan"))
+        if math.isfinite(c): out.update({f"{s}/{k}": x for k, x in ppl_metrics(c, stream_V[s]).items()})
+    out.update(no_eos_metrics({s: ce.get(f"{s}_no_eos", float("nan")) for s in stream_V}, stream_V))
+    if protocol == "dual" and all(math.isfinite(ce.get(s, float("nan"))) for s in ("vocals", "acc")):
+        both = stream_metrics({"vocals": ce["vocals"], "acc": ce["acc"]}, V)
+        out.update({k: x for k, x in both.items() if k.startswith("overall/")})
+    return out
+
+
+def train_lm(tokens, protocol: str, cfg, train, out_dir: str | os.PathLike, tracker=None, val=None, prompt: int = 0,
+             context: int | None = None, progress: bool = True, desc: str | None = None):
+    """Train a fresh `protocol` LM (`cfg`: the `evaluate.lm` section; `train`: a `TrainConfig`) on random crops of up
+    to `context` (default `cfg.context`) tokens of every item of `tokens` (a `DualTokens`) with `duotok.train.fit`
+    (state for resuming under `resume_dir(out_dir)`). `val` (a `DualTokens`): `lm_scores` on its windows of
+    `context` tokens after training (and every `train.val_every` steps), logged as `val/<stream>/<metric>`.
+    Returns (the trained `TokenLM` in eval mode, fit's `FitResult`)."""
+    from duotok.data import make_loader
+    from duotok.distributed import objective_loss
+    from duotok.tracking import NullTracker
+    from duotok.train import fit
+    context = int(cfg.context if context is None else context)
+    V = tuple(tokens.codebook_sizes)
+    if positions(protocol, context) > cfg.max_len:
+        raise ValueError(f"train_lm: a {protocol} crop of {context} tokens per stream needs {positions(protocol, context)} "
+                         f"positions, but evaluate.lm.max_len is {cfg.max_len} (needs >= 2 x context + 4)")
+    if val is not None and tuple(val.codebook_sizes) != V:
+        raise ValueError(f"train_lm: validation tokens have codebooks {tuple(val.codebook_sizes)}, training tokens {V}")
+    crops = TokenCrops(token_items(tokens), V, protocol, context, train.seed)
+    loader = make_loader(crops, train.batch_size, True, train.seed, train.num_workers, collate_fn=crops.collate,
+                         name=f"lm {protocol} training crops")
+    val_w = windows(val, context) if val is not None else []
+    val_fn = (lambda obj, _: lm_scores(obj.model, protocol, val_w, prompt)) if val_w else None
+    res = fit(LMObjective(new_lm(cfg, V, train.seed)), objective_loss, loader, train, out_dir, tracker or NullTracker(),
+              {"lm/ce": 1.0}, val_fn=val_fn, progress=progress, desc=desc or f"lm {protocol}")
+    return res.model.model.eval(), res
+
+# %% ../nbs/61_lm.ipynb #52550cb4
+LM_KIND = "lm"
+
+
+def save_lm(dir: str | os.PathLike, model: TokenLM, protocol: str, **facts) -> Path:
+    from duotok.checkpoint import save_checkpoint
+    positions(protocol, 1)
+    return save_checkpoint(dir, model, {"kind": LM_KIND, "protocol": protocol, "lm": model.cfg.to_dict(), **facts},
+                           name=protocol)
+
+
+def load_lm(dir: str | os.PathLike, protocol: str) -> tuple[TokenLM, dict]:
+    "(model in eval mode, its config) from `dir/<protocol>.*`; a clear error when missing or of another kind."
+    from duotok.checkpoint import load_checkpoint
+    if not (Path(dir) / f"{protocol}.json").exists():
+        found = sorted(p.stem for p in Path(dir).glob("*.json")) if Path(dir).is_dir() else "no folder"
+        raise FileNotFoundError(f"{dir}: no '{protocol}' token LM ({protocol}.safetensors + {protocol}.json; found: "
+                                f"{found}); train one with duotok lm train")
+    sd, cfg = load_checkpoint(dir, protocol)
+    if cfg.get("kind") != LM_KIND or cfg.get("protocol") != protocol:
+        raise ValueError(f"{dir}/{protocol}.json: not a {protocol} token LM (kind {cfg.get('kind')!r}, protocol "
+                         f"{cfg.get('protocol')!r})")
+    model = TokenLM(TokenLMConfig(**cfg["lm"]))
+    model.load_state_dict(sd)
+    return model.eval(), cfg
+
 # %% ../nbs/61_lm.ipynb #d12c8977
 def ppl_metrics(ce_nats: float, V: int) -> dict[str, float]:
     "From a mean CE in nats and vocabulary V: `ce`, `ppl`, `ppl_1024` (PPL@1024 = exp(ce)*1024/V), `bpt`, `bpt_norm`."
@@ -250,10 +422,13 @@ def no_eos_metrics(ce_no_eos: dict[str, float], V: dict[str, int]) -> dict[str, 
 def unigram_ce(train_ids, test_ids, V: int, alphas: Sequence[float] = (1e-3, 1e-2, 0.1, 0.5, 1.0),
                eos: bool = True) -> tuple[float, float]:
     """Cross-entropy (nats/target) of `test_ids` under the add-alpha unigram of `train_ids` (codes in [0, V); rows of
-    a 2-D array are sequences, a 1-D array is one sequence). With `eos` every sequence ends in an EOS symbol that is
-    counted and scored like a code, the LM's `[tokens, EOS]` targets. Returns (ce, alpha) for the best alpha of
-    the grid on the test targets (a deliberately strong baseline)."""
+    a 2-D array are sequences, a 1-D array is one sequence, a list holds sequences of any lengths). With `eos` every
+    sequence ends in an EOS symbol that is counted and scored like a code, the LM's `[tokens, EOS]` targets. Returns
+    (ce, alpha) for the best alpha of the grid on the test targets (a deliberately strong baseline)."""
     def targets(x):
+        if isinstance(x, (list, tuple)):
+            seqs = [targets(np.asarray(s).reshape(-1)) for s in x if np.asarray(s).size]
+            return np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
         a = np.asarray(x).astype(np.int64)
         a = a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
         if a.size == 0:
@@ -272,12 +447,36 @@ def unigram_ce(train_ids, test_ids, V: int, alphas: Sequence[float] = (1e-3, 1e-
 
 # %% ../nbs/61_lm.ipynb #cbc2fc79
 @torch.no_grad()
+def next_token(logits: torch.Tensor, V: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample (B,) ids from the logits (B, V + 3) of one stream, specials excluded: greedy at `temperature` 0, else
+    softmax(logits / temperature) restricted to the `top_k` most likely codes and to the smallest set of codes holding
+    `top_p` of the probability (nucleus; 1.0 = off)."""
+    logits = logits.float().clone()
+    logits[:, V:] = -float("inf")                                       # only real codes
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, V), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if 0 < top_p < 1:
+        srt, idx = logits.sort(-1, descending=True)
+        p = srt.softmax(-1)
+        srt = srt.masked_fill(p.cumsum(-1) - p > top_p, -float("inf"))   # keep codes until top_p is reached
+        logits = torch.full_like(logits, -float("inf")).scatter(-1, idx, srt)
+    return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+
+@torch.no_grad()
 def generate_accompaniment(model: TokenLM, vocals, prompt_acc=None, n_tokens: int | None = None,
-                           temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+                           temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
+                           top_p: float = 1.0, callback: Callable[[int], None] | None = None) -> torch.Tensor:
     """Sample accompaniment ids `(B, n_tokens)` for `vocals (B, T)` with a `v2a`-trained `model`.
 
     `prompt_acc (B, P)`: optional accompaniment prefix (kept, not returned); `n_tokens` defaults to `T - P` so the
-    total matches the vocal length. `temperature=0` is greedy."""
+    total matches the vocal length. `temperature=0` is greedy; `top_k`, `top_p` filter (`next_token`);
+    `callback(1)` after each token (a progress bar's `update`)."""
     Vv, Va = model.cfg.codebook_sizes
     v = torch.as_tensor(np.asarray(vocals), dtype=torch.long)
     if v.ndim == 1:
@@ -295,22 +494,64 @@ def generate_accompaniment(model: TokenLM, vocals, prompt_acc=None, n_tokens: in
     cache, logits = out.past_key_values, out.logits[1][:, -1]
     toks = []
     for _ in range(n_tokens):
-        logits = logits.float().clone()
-        logits[:, Va:] = -float("inf")                                 # only real codes
-        if temperature <= 0:
-            nxt = logits.argmax(-1)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(min(top_k, Va), -1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0].to(dev)
+        nxt = next_token(logits, Va, temperature, top_k, top_p, generator)
         toks.append(nxt)
+        if callback is not None: callback(1)
         step = torch.stack([torch.full_like(nxt, pad(Vv)), nxt], 1)[:, :, None]  # (B, 2, 1)
         out = model(step, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[1][:, -1]
     model.train(was)
     return torch.stack(toks, 1).cpu() if toks else torch.zeros(B, 0, dtype=torch.long)
+
+
+@torch.no_grad()
+def generate_accompaniment_long(model: TokenLM, vocals, context: int, prompt_acc=None, overlap: int | None = None,
+                                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                                generator: torch.Generator | None = None,
+                                callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Accompaniment ids `(T - P,)` for one vocal `(T,)` of any length with a `v2a` model trained on `context`-token
+    crops: windows of `context` vocal tokens; each window after the first starts `overlap` tokens (default
+    `context // 4`) before the end of the previous one and takes the accompaniment generated there as its prompt,
+    so the accompaniment continues across windows. `prompt_acc (P,)`: the first window's prompt."""
+    v = torch.as_tensor(np.asarray(vocals), dtype=torch.long).reshape(-1)
+    T = len(v)
+    acc = [] if prompt_acc is None else torch.as_tensor(np.asarray(prompt_acc), dtype=torch.long).reshape(-1).tolist()
+    P = len(acc)
+    if P >= min(T, context): raise ValueError(f"generate: the prompt ({P} tokens) must be shorter than the vocal ({T}) "
+                                              f"and the context ({context})")
+    ov = context // 4 if overlap is None else int(overlap)
+    if not 0 <= ov < context: raise ValueError(f"generate: overlap {ov} must lie in [0, context={context})")
+    s = 0
+    while len(acc) < T:
+        e = min(T, s + context)
+        p = torch.tensor(acc[s:], dtype=torch.long)[None] if len(acc) > s else None
+        new = generate_accompaniment(model, v[None, s:e], p, e - len(acc), temperature, top_k, generator, top_p, callback)
+        acc += new[0].tolist()
+        s = e - ov if ov else e
+    return torch.tensor(acc[P:], dtype=torch.long)
+
+
+@torch.no_grad()
+def generate_dual(model: TokenLM, n_tokens: int, batch: int = 1, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, generator: torch.Generator | None = None,
+                  callback: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Both streams `(batch, n_tokens)` sampled from a `dual`-trained `model` from SOS alone (no conditioning)."
+    Vv, Va = model.cfg.codebook_sizes
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    ids = torch.tensor([sos(Vv), sos(Va)]).reshape(1, 2, 1).expand(batch, 2, 1).to(dev)
+    out = model(ids, use_cache=True)
+    vs, accs = [], []
+    for _ in range(n_tokens):
+        nv = next_token(out.logits[0][:, -1], Vv, temperature, top_k, top_p, generator)
+        na = next_token(out.logits[1][:, -1], Va, temperature, top_k, top_p, generator)
+        vs.append(nv); accs.append(na)
+        if callback is not None: callback(1)
+        out = model(torch.stack([nv, na], 1)[:, :, None], past_key_values=out.past_key_values, use_cache=True)
+    model.train(was)
+    z = torch.zeros(batch, 0, dtype=torch.long)
+    return (torch.stack(vs, 1).cpu(), torch.stack(accs, 1).cpu()) if vs else (z, z)
 
 # %% ../nbs/61_lm.ipynb #24aad6a4
 def synthetic_streams(n: int, T: int, V: int, branch: int = 3, p_follow: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .core import atomic_path, atomic_write_json, is_main
 
 # %% auto #0
-__all__ = ['package_decoder', 'package', 'main']
+__all__ = ['package_decoder', 'package_separator', 'package', 'main']
 
 # %% ../nbs/54_package.ipynb #8e2065db
 def _copy(src: Path, dst: Path) -> None:
@@ -49,18 +49,32 @@ def package_decoder(out_dir: str | Path, decoder_dir: str | Path = "outputs/deco
     return dec
 
 
+def package_separator(out_dir: str | Path, finetune_dir: str | Path = "outputs/finetune") -> Path:
+    "Copy the stage-2 checkpoint (`model.{safetensors,json}`) to `<out_dir>/separator/`; returns that folder."
+    sep = Path(out_dir) / "separator"
+    for ext in ("safetensors", "json"):
+        _copy(Path(finetune_dir) / f"model.{ext}", sep / f"model.{ext}")
+    return sep
+
+
 def package(out_dir: str | Path, codebook_dir: str | Path = "outputs/codebook", decoder_dir: str | Path = "outputs/decoder",
-            vae_dir: str | Path = "outputs/vae", check: bool = True, **encode_kw) -> Path:
+            vae_dir: str | Path = "outputs/vae", check: bool = True, finetune_dir: str | Path | None = "outputs/finetune",
+            **encode_kw) -> Path:
     """Write the full packaged tokenizer to `out_dir`: encoder half via
     `duotok.tokenizer.package_encoder(codebook_dir, out_dir, **encode_kw)`, decoder half via
-    `package_decoder`. With `check`, the decoder half is loaded back. Returns `out_dir`."""
+    `package_decoder`, the mix front end via `package_separator` (`finetune_dir=None`: none). With `check`, the
+    decoder half and the separator are loaded back. Returns `out_dir`."""
     from duotok.tokenizer import package_encoder
     out_dir = Path(out_dir)
     package_encoder(codebook_dir, out_dir, **encode_kw)
     dec = package_decoder(out_dir, decoder_dir, vae_dir)
+    sep = package_separator(out_dir, finetune_dir) if finetune_dir is not None else None
     if check:
         from duotok.diffusion import TokenDecoder
         TokenDecoder.from_dir(dec)
+        if sep is not None:
+            from duotok.separate import MaskSeparator
+            MaskSeparator.from_dir(sep)
     return out_dir
 
 # %% ../nbs/54_package.ipynb #aed4fa93
@@ -70,8 +84,9 @@ def main(argv=None) -> None:
     ap.add_argument("--codebook", default="outputs/codebook", help="codebook stage output")
     ap.add_argument("--decoder", default="outputs/decoder", help="decoder stage output")
     ap.add_argument("--vae", default="outputs/vae", help="vae stage output")
+    ap.add_argument("--finetune", default="outputs/finetune", help="finetune stage output (the separator; '' = none)")
     a = ap.parse_args(argv)
-    out = package(a.out, a.codebook, a.decoder, a.vae)
+    out = package(a.out, a.codebook, a.decoder, a.vae, finetune_dir=a.finetune or None)
     print(f"packaged tokenizer -> {out}")
 
 

@@ -14,16 +14,15 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from .audio import MAX_DURATION_S, chroma, load_audio, log_mel, resample
-from .core import InputError, atomic_write_json
-from .corpus import SPACE_ID, STEMS, UNK_ID, VOCAB, char_ids, normalize_lyrics
+from .audio import MAX_DURATION_S, load_audio, log_mel, resample
+from .core import InputError, atomic_write, atomic_write_json
+from .corpus import SPACE_ID, STEMS, UNK_ID, VOCAB, char_ids
 
 # %% auto #0
-__all__ = ['FIELDS_F32', 'ALL_FIELDS', 'PreprocessError', 'SegmentSpec', 'segment_starts', 'segment_lyrics', 'process_song',
-           'active_seconds', 'assign_splits', 'write_shards', 'preprocess_corpus']
+__all__ = ['LEVEL_RATE', 'PreprocessError', 'SegmentSpec', 'segment_starts', 'song_chars', 'segment_lyrics', 'block_levels',
+           'active_seconds', 'index_song', 'mel_sums', 'assign_splits', 'folder_bytes', 'preprocess_corpus']
 
 # %% ../nbs/12_preprocess.ipynb #5ff66a42
 class PreprocessError(InputError, RuntimeError):
@@ -31,7 +30,7 @@ class PreprocessError(InputError, RuntimeError):
 
 @dataclass(frozen=True)
 class SegmentSpec:
-    "Segment geometry derived from the audio facts and the preprocess params."
+    "Grid geometry derived from the audio facts and the preprocess params."
     segment_s: float = 4.0
     hop_s: float = 4.0
     sr48: int = 48000
@@ -65,86 +64,49 @@ def segment_starts(n_samples: int, sr: int, segment_s: float, hop_s: float) -> l
     return starts
 
 # %% ../nbs/12_preprocess.ipynb #972a1063
-def segment_lyrics(chars: list[dict], t0: float, t1: float, token_rate: int, n_tokens: int) -> tuple[list[int], np.ndarray]:
-    "Timed characters -> (ids of the characters centred in [t0, t1), frame-wise char ids at `token_rate`)."
-    ids, frames = [], np.zeros(n_tokens, np.int64)
+def song_chars(lyrics: dict) -> dict[str, np.ndarray]:
+    "`lyrics.json` -> {'char_id' int16 (spaces = SPACE_ID, unknown = UNK_ID), 'char_start', 'char_end' float64 s}."
+    ids, st, en = [], [], []
+    for c in lyrics.get("chars", []):
+        if c["char"] == " ": cid = SPACE_ID
+        else:
+            x = char_ids(c["char"], normalized=True)
+            cid = x[0] if x else UNK_ID
+        ids.append(cid); st.append(float(c["start"])); en.append(float(c["end"]))
+    return {"char_id": np.array(ids, np.int16), "char_start": np.array(st, np.float64), "char_end": np.array(en, np.float64)}
+
+def segment_lyrics(chars: dict, t0: float, t1: float, token_rate: int, n_tokens: int) -> tuple[list[int], np.ndarray]:
+    """`song_chars` arrays -> (ids of the characters centred in [t0, t1), with single spaces between words and none at
+    the ends; the character id sung at each of the `n_tokens` frames at `token_rate` from t0, 0 = none)."""
+    frames = np.zeros(n_tokens, np.int64)
+    cid, st, en = chars["char_id"], chars["char_start"], chars["char_end"]
+    if len(cid) == 0: return [], frames
+    mid = 0.5 * (st + en)
+    sel = np.flatnonzero((mid >= t0) & (mid < t1))
     centres = (np.arange(n_tokens) + 0.5) / token_rate + t0
-    for c in chars:
-        mid = 0.5 * (c["start"] + c["end"])
-        if c["char"] == " ":
-            if ids and ids[-1] != SPACE_ID and t0 <= mid < t1: ids.append(SPACE_ID)
+    ids: list[int] = []
+    for j in sel:
+        c = int(cid[j])
+        if c == SPACE_ID:
+            if ids and ids[-1] != SPACE_ID: ids.append(SPACE_ID)
             continue
-        if not (t0 <= mid < t1): continue
-        cid = char_ids(c["char"], normalized=True)
-        cid = cid[0] if cid else UNK_ID
-        ids.append(cid)
-        frames[(centres >= c["start"]) & (centres < c["end"])] = cid
+        ids.append(c)
+        frames[np.searchsorted(centres, st[j], "left"):np.searchsorted(centres, en[j], "left")] = c
     while ids and ids[-1] == SPACE_ID: ids.pop()
     return ids, frames
 
 # %% ../nbs/12_preprocess.ipynb #dcd6cd05
-FIELDS_F32 = ("mel_mix", "mel_vocals", "mel_acc", "chroma_mix", "chroma_vocals", "chroma_acc",
-              "wav24_mix", "wav24_stems", "wav48_vocals", "wav48_acc")
+LEVEL_RATE = 4
+"Blocks per second of the stored level curves (`labels/<song>.npz` 'level_db')."
 
 def _db(x: np.ndarray) -> float:
     return float(10 * np.log10(np.mean(np.square(x, dtype=np.float64)) + 1e-20))
 
-def process_song(song_dir: Path, sid: str, spec: SegmentSpec, out_dir: Path) -> dict:
-    """Cut one rendered song into segments and write its arrays to `out_dir/<field>.npy`.
-    Returns {'n', 'lyric_width', 'mel_sum', 'mel_sq', 'frames', 'silent_*', 'unk', 'chars', 'dropped'}."""
-    song_dir, out_dir = Path(song_dir), Path(out_dir)
-    st48 = {}
-    for s in STEMS:
-        # render's outputs: songs validated to <= MAX_DURATION_S, plus render's tail and stem padding
-        x, sr = load_audio(song_dir / f"{s}.flac", sr=spec.sr48, mono=True, max_duration_s=MAX_DURATION_S + 60)
-        st48[s] = x[0]
-    n = min(len(v) for v in st48.values())
-    st48 = {k: v[:n] for k, v in st48.items()}
-    st24 = {k: resample(v, spec.sr48, spec.sr24) for k, v in st48.items()}
-    lyr = json.loads((song_dir / "lyrics.json").read_text()) if (song_dir / "lyrics.json").exists() else {}
-    chars = lyr.get("chars", [])
-    starts = segment_starts(n, spec.sr48, spec.segment_s, spec.hop_s)
-    seg = {k: [] for k in FIELDS_F32 + ("lyric_ids", "lyric_len", "lyric_frames", "silent_vocals", "silent_acc", "segment")}
-    dropped = 0; unk = 0; nchar = 0
-    for a48 in starts:
-        a24 = a48 * spec.sr24 // spec.sr48
-        def cut(x, a, L): y = x[a:a + L]; return np.pad(y, (0, L - len(y)))
-        s24 = np.stack([cut(st24[s], a24, spec.L24) for s in STEMS])            # (4, L24)
-        voc48 = cut(st48["vocals"], a48, spec.L48)
-        acc48 = sum(cut(st48[s], a48, spec.L48) for s in STEMS[1:])
-        acc24 = s24[1:].sum(0); mix24 = s24.sum(0)
-        sil_v, sil_a = _db(s24[0]) < spec.silence_db, _db(acc24) < spec.silence_db
-        if spec.silent == "drop" and (sil_v or sil_a): dropped += 1; continue
-        trio = torch.from_numpy(np.stack([mix24, s24[0], acc24]))               # (3, L24)
-        mel = log_mel(trio, spec.sr24, spec.n_fft, spec.hop, spec.n_mels)[..., :spec.frames].numpy()
-        chm = chroma(trio, spec.sr24, spec.n_fft, spec.hop)[..., :spec.frames].numpy()
-        t0 = a48 / spec.sr48
-        ids, frames = segment_lyrics(chars, t0, t0 + spec.segment_s, spec.token_rate, spec.tokens)
-        unk += sum(i == UNK_ID for i in ids); nchar += sum(i != SPACE_ID for i in ids)
-        for k, v in (("mel_mix", mel[0]), ("mel_vocals", mel[1]), ("mel_acc", mel[2]), ("chroma_mix", chm[0]),
-                     ("chroma_vocals", chm[1]), ("chroma_acc", chm[2]), ("wav24_mix", mix24), ("wav24_stems", s24),
-                     ("wav48_vocals", voc48), ("wav48_acc", acc48), ("lyric_ids", ids), ("lyric_len", len(ids)),
-                     ("lyric_frames", frames), ("silent_vocals", sil_v), ("silent_acc", sil_a),
-                     ("segment", f"{sid}@{t0:.2f}")):
-            seg[k].append(v)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    m = len(seg["segment"]); width = max([len(i) for i in seg["lyric_ids"]] + [1])
-    if m:
-        for k in FIELDS_F32: np.save(out_dir / f"{k}.npy", np.stack(seg[k]).astype(np.float32))
-        li = np.zeros((m, width), np.int64)
-        for j, i in enumerate(seg["lyric_ids"]): li[j, :len(i)] = i
-        np.save(out_dir / "lyric_ids.npy", li)
-        np.save(out_dir / "lyric_len.npy", np.array(seg["lyric_len"], np.int64))
-        np.save(out_dir / "lyric_frames.npy", np.stack(seg["lyric_frames"]))
-        np.save(out_dir / "silent_vocals.npy", np.array(seg["silent_vocals"], bool))
-        np.save(out_dir / "silent_acc.npy", np.array(seg["silent_acc"], bool))
-        np.save(out_dir / "segment.npy", np.array(seg["segment"]))
-    mels = np.stack([np.stack(seg[k]) for k in ("mel_mix", "mel_vocals", "mel_acc")]) if m else np.zeros((3, 0, spec.n_mels, 1))
-    return dict(n=m, lyric_width=width if m else 0, dropped=dropped, duration_s=n / spec.sr48,
-                mel_sum=mels.sum((1, 3)).astype(np.float64), mel_sq=np.square(mels, dtype=np.float64).sum((1, 3)),
-                frames=int(mels.shape[1] * mels.shape[3]), silent_vocals=int(sum(seg["silent_vocals"])),
-                silent_acc=int(sum(seg["silent_acc"])), unk=int(unk), chars=int(nchar),
-                timed_lyrics=bool(chars), stem_active_s={s: active_seconds(st48[s], spec.sr48, spec.silence_db) for s in STEMS})
+def block_levels(x: np.ndarray, sr: int, rate: int = LEVEL_RATE) -> np.ndarray:
+    "RMS dBFS (float16) of consecutive 1/`rate` s blocks of `x` (the last partial block zero-padded)."
+    w = sr // rate; k = -(-len(x) // w)
+    b = np.pad(x.astype(np.float64), (0, k * w - len(x))).reshape(k, w)
+    return (10 * np.log10(np.mean(b ** 2, 1) + 1e-20)).astype(np.float16)
 
 def active_seconds(x: np.ndarray, sr: int, silence_db: float) -> float:
     "Seconds of `x` (in 1 s blocks) whose RMS is at least `silence_db` dBFS."
@@ -153,12 +115,56 @@ def active_seconds(x: np.ndarray, sr: int, silence_db: float) -> float:
     b = np.square(x[:k * sr].reshape(k, sr), dtype=np.float64).mean(1)
     return float((10 * np.log10(b + 1e-20) >= silence_db).sum())
 
+def _read_stems(song_dir: Path, sr: int) -> tuple[dict[str, np.ndarray], int]:
+    st = {}
+    for s in STEMS:   # render's outputs: songs validated to <= MAX_DURATION_S, plus render's tail and stem padding
+        x, _ = load_audio(song_dir / f"{s}.flac", sr=sr, mono=True, max_duration_s=MAX_DURATION_S + 60)
+        st[s] = x[0]
+    n = min(len(v) for v in st.values())
+    return {k: v[:n] for k, v in st.items()}, n
+
+def index_song(song_dir: Path, sid: str, spec: SegmentSpec, out: Path) -> dict:
+    """Index one rendered song: write `out/labels/<sid>.npz`, return its record (see the manifest) plus
+    'dropped', 'chars', 'unk' counts for the summary."""
+    song_dir, out = Path(song_dir), Path(out)
+    import soundfile as sf
+    file_sr = sf.info(str(song_dir / "vocals.flac")).samplerate
+    st48, n = _read_stems(song_dir, spec.sr48)
+    st24 = {k: resample(v, spec.sr48, spec.sr24) for k, v in st48.items()}
+    grid, dropped = [], 0
+    for a48 in segment_starts(n, spec.sr48, spec.segment_s, spec.hop_s):
+        a24 = a48 * spec.sr24 // spec.sr48
+        cut = lambda x: np.pad(x[a24:a24 + spec.L24], (0, max(0, a24 + spec.L24 - len(x))))
+        v, acc = cut(st24["vocals"]), sum(cut(st24[s]) for s in STEMS[1:])
+        sil_v, sil_a = _db(v) < spec.silence_db, _db(acc) < spec.silence_db
+        if spec.silent == "drop" and (sil_v or sil_a): dropped += 1; continue
+        grid.append([round(a48 / spec.sr48, 6), bool(sil_v), bool(sil_a)])
+    lyr = json.loads((song_dir / "lyrics.json").read_text()) if (song_dir / "lyrics.json").exists() else {}
+    chars = song_chars(lyr)
+    acc48 = sum(st48[s] for s in STEMS[1:])
+    labels = {**chars, "level_db": np.stack([block_levels(st48["vocals"], spec.sr48), block_levels(acc48, spec.sr48)])}
+    with atomic_write(out / "labels" / f"{sid}.npz") as f: np.savez(f, **labels)
+    rel = lambda p: os.path.relpath(p, out)
+    frames = int(round(n * file_sr / spec.sr48))
+    return dict(duration_s=n / spec.sr48, sample_rate=int(file_sr), frames=frames,
+                stems={s: rel(song_dir / f"{s}.flac") for s in STEMS}, labels=f"labels/{sid}.npz", grid=grid,
+                active_s={s: active_seconds(st48[s], spec.sr48, spec.silence_db) for s in STEMS},
+                timed_lyrics=bool(len(chars["char_id"])), dropped=dropped,
+                chars=int((chars["char_id"] != SPACE_ID).sum()), unk=int((chars["char_id"] == UNK_ID).sum()))
+
+def mel_sums(song_dir: Path, spec: SegmentSpec) -> dict:
+    "Sums and squared sums per mel bin (3 = mix, vocals, acc; n_mels) of the 24 kHz log-mel of a whole song, and its frames."
+    st48, _ = _read_stems(Path(song_dir), spec.sr48)
+    trio = np.stack([sum(st48.values()), st48["vocals"], sum(st48[s] for s in STEMS[1:])])
+    mel = log_mel(torch.from_numpy(resample(trio, spec.sr48, spec.sr24)), spec.sr24, spec.n_fft, spec.hop, spec.n_mels).double()
+    return dict(sum=mel.sum(-1).numpy(), sq=mel.pow(2).sum(-1).numpy(), frames=int(mel.shape[-1]))
+
 # %% ../nbs/12_preprocess.ipynb #9e3f5234
 def _u(sid: str, seed: int) -> float:
     return int(hashlib.sha256(f"{seed}|{sid}".encode()).hexdigest()[:12], 16) / 16 ** 12
 
 def assign_splits(songs: dict[str, str | None], val_fraction: float, test_fraction: float, seed: int = 0) -> dict[str, str]:
-    """song id -> split. Given splits are kept (a given `train` may become `val` when no song is marked
+    """song id -> split. Given splits (any name) are kept (a given `train` may become `val` when no song is marked
     `val`); the rest by hash. With >= 3 songs val and test are never empty."""
     free = [s for s, g in songs.items() if g is None]
     out = {s: g for s, g in songs.items() if g is not None}
@@ -177,51 +183,29 @@ def assign_splits(songs: dict[str, str | None], val_fraction: float, test_fracti
     return out
 
 # %% ../nbs/12_preprocess.ipynb #72b3c2dc
-ALL_FIELDS = FIELDS_F32 + ("lyric_ids", "lyric_len", "lyric_frames", "silent_vocals", "silent_acc", "segment")
-
-def write_shards(parts: list[tuple[Path, int]], out: Path, split: str, shard_size: int, width: int) -> list[dict]:
-    "Concatenate per-song folders (path, n segments) into `out/shards/<split>-<k>/`; returns shard records."
-    shards, k = [], 0
-    # pack whole songs into shards (a song never straddles two shards unless it alone exceeds shard_size)
-    groups, cur, cur_n = [], [], 0
-    for p, n in parts:
-        if cur and cur_n + n > shard_size: groups.append(cur); cur, cur_n = [], 0
-        cur.append((p, n)); cur_n += n
-    if cur: groups.append(cur)
-    for g in groups:
-        name = f"{split}-{k:04d}"; d = out / "shards" / name; d.mkdir(parents=True, exist_ok=True)
-        total = sum(n for _, n in g)
-        for f in ALL_FIELDS:
-            first = np.load(g[0][0] / f"{f}.npy", mmap_mode="r")
-            shape = (total,) + ((width,) if f == "lyric_ids" else first.shape[1:])
-            dtype = np.dtype(f"<U{max(np.load(p / f'{f}.npy').dtype.itemsize // 4 for p, _ in g)}") if f == "segment" else first.dtype
-            mm = np.lib.format.open_memmap(d / f"{f}.npy.tmp", mode="w+", dtype=dtype, shape=shape)
-            a = 0
-            for p, n in g:
-                x = np.load(p / f"{f}.npy", mmap_mode="r")
-                if f == "lyric_ids": mm[a:a + n] = 0; mm[a:a + n, :x.shape[1]] = x
-                else: mm[a:a + n] = x
-                a += n
-            mm.flush(); del mm
-            os.replace(d / f"{f}.npy.tmp", d / f"{f}.npy")
-        shards.append(dict(name=name, n=total, songs=[p.name for p, _ in g])); k += 1
-    return shards
-
-# %% ../nbs/12_preprocess.ipynb #91d25a0e
-def _work(args):
-    sdir, sid, spec, tmp = args
+def _index_work(args):
+    sdir, sid, spec, out = args
     try:
         torch.set_num_threads(1)
-        return sid, process_song(sdir, sid, spec, tmp), None
+        return sid, index_song(sdir, sid, spec, out), None
     except Exception as e:
         return sid, None, f"preprocess failed: {type(e).__name__}: {e}"
 
+def _stats_work(args):
+    sdir, spec = args
+    torch.set_num_threads(1)
+    return mel_sums(sdir, spec)
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    "Bytes of the files under `path` (links not followed)."
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
+
 def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: str | os.PathLike = "outputs/preprocess",
                       spec: SegmentSpec = SegmentSpec(), val_fraction: float = 0.1, test_fraction: float = 0.1,
-                      shard_size: int = 256, fatal_rejections: bool = False, workers: int = 2, seed: int = 0,
-                      audio_facts: dict | None = None, log=print) -> dict:
-    """Rendered songs -> `out/manifest.json`, `out/shards/`, `out/rejected.json`, `out/summary.json`.
-    Returns the corpus summary (songs, hours per stem, languages, rejected, segments per split)."""
+                      fatal_rejections: bool = False, workers: int = 2, seed: int = 0, audio_facts: dict | None = None,
+                      log=print, stats_max_s: float = 0.0) -> dict:
+    """Rendered songs -> `out/manifest.json` (the song index), `out/labels/`, `out/rejected.json`, `out/summary.json`.
+    Returns the corpus summary (songs, hours per stem, languages, rejected, grid segments per split, bytes)."""
     t0 = time.time(); spec.check()
     render_root, out = Path(render_root), Path(out)
     idx_path = render_root / "index.json"
@@ -232,77 +216,82 @@ def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: st
     if rejected and fatal_rejections:
         raise PreprocessError(f"{len(rejected)} songs rejected by render (fatal_rejections): " + "; ".join(f"{k}: {v[0]}" for k, v in rejected.items()))
     if out.exists(): shutil.rmtree(out)
-    tmp = out / "_songs"; tmp.mkdir(parents=True)
+    (out / "labels").mkdir(parents=True)
     songs = {r["id"]: r for r in index["songs"]}
-    jobs = [(render_root / "songs" / sid, sid, spec, tmp / sid) for sid in sorted(songs)]
+    jobs = [(render_root / "songs" / sid, sid, spec, out) for sid in sorted(songs)]
     results = {}
-    _z = torch.zeros(1, spec.L24 // 8)                     # warm caches (filters, kernels) before forking
-    log_mel(_z, spec.sr24, spec.n_fft, spec.hop, spec.n_mels); chroma(_z, spec.sr24, spec.n_fft, spec.hop)
-    resample(np.zeros(4800, np.float32), spec.sr48, spec.sr24)
+    resample(np.zeros(4800, np.float32), spec.sr48, spec.sr24)                 # warm caches before forking
     pool = get_context("fork").Pool(workers) if workers > 1 and len(jobs) > 1 else None
-    it = pool.imap_unordered(_work, jobs) if pool else map(_work, jobs)
-    n_dropped = 0
-    for k, (sid, res, err) in enumerate(it, 1):
-        if res is not None: n_dropped += res["dropped"]
-        if err is None and res["n"] == 0:
-            err = f"no segment: {res['duration_s']:.2f} s is shorter than half a segment ({spec.segment_s / 2:g} s)" if not res["dropped"] \
-                else f"all {res['dropped']} segments silent (silent: drop)"
-        if err:
-            rejected[sid] = [err]; log(f"[preprocess] {k}/{len(jobs)} {sid}: REJECTED {err}")
-            if fatal_rejections:
-                if pool: pool.terminate()
-                raise PreprocessError(f"song {sid} rejected (fatal_rejections): {err}")
-        else:
-            results[sid] = res
-            if k % 10 == 0 or k == len(jobs): log(f"[preprocess] {k}/{len(jobs)} songs")
+    try:
+        n_dropped = 0
+        for k, (sid, res, err) in enumerate(pool.imap_unordered(_index_work, jobs) if pool else map(_index_work, jobs), 1):
+            if res is not None: n_dropped += res["dropped"]
+            if err is None and not res["grid"]:
+                err = f"no segment: {res['duration_s']:.2f} s is shorter than half a segment ({spec.segment_s / 2:g} s)" if not res["dropped"] \
+                    else f"all {res['dropped']} segments silent (silent: drop)"
+            if err:
+                rejected[sid] = [err]; log(f"[preprocess] {k}/{len(jobs)} {sid}: REJECTED {err}")
+                (out / "labels" / f"{sid}.npz").unlink(missing_ok=True)
+                if fatal_rejections: raise PreprocessError(f"song {sid} rejected (fatal_rejections): {err}")
+            else:
+                results[sid] = res
+                if k % 50 == 0 or k == len(jobs): log(f"[preprocess] {k}/{len(jobs)} songs indexed")
+        if not results:
+            raise PreprocessError(f"no usable song in {render_root} ({len(rejected)} rejected: "
+                                  + "; ".join(f"{k}: {v[0]}" for k, v in list(rejected.items())[:5]) + ")")
+        split = assign_splits({s: songs[s].get("split") for s in sorted(results)}, val_fraction, test_fraction, seed)
+        empty = [k for k in ("train", "val") if not any(results[s]["grid"] for s in results if split[s] == k)]
+        if empty:
+            pinned = Counter(songs[s].get("split") for s in results if songs[s].get("split"))
+            raise PreprocessError(f"{render_root}: no segment in the {' and '.join(repr(k) for k in empty)} split "
+                                  f"({len(results)} usable songs; songs per split {dict(Counter(split.values()))}; pinned in "
+                                  f"song.json: {dict(pinned) or 'none'}): ssl and finetune need train and val segments; "
+                                  "remove \"split\" from some song.json files or add songs")
+        train = sorted((s for s in results if split[s] == "train"), key=lambda s: _u(s, seed + 3))
+        chosen, total = [], 0.0
+        for s in train:
+            if stats_max_s and total >= stats_max_s: break
+            chosen.append(s); total += results[s]["duration_s"]
+        sums = list(pool.imap(_stats_work, [(render_root / "songs" / s, spec) for s in chosen]) if pool
+                    else map(_stats_work, [(render_root / "songs" / s, spec) for s in chosen]))
+    except BaseException:
+        if pool: pool.terminate()
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     if pool: pool.close(); pool.join()
     results = dict(sorted(results.items()))   # song order, not the workers' completion order, reaches the outputs
-    if not results:
-        raise PreprocessError(f"no usable song in {render_root} ({len(rejected)} rejected: "
-                              + "; ".join(f"{k}: {v[0]}" for k, v in list(rejected.items())[:5]) + ")")
-    split = assign_splits({s: songs[s].get("split") for s in sorted(results)}, val_fraction, test_fraction, seed)
-    empty = [k for k in ("train", "val") if not any(results[s]["n"] for s in results if split[s] == k)]
-    if empty:
-        shutil.rmtree(out)
-        pinned = Counter(songs[s].get("split") for s in results if songs[s].get("split"))
-        raise PreprocessError(f"{render_root}: no segment in the {' and '.join(repr(k) for k in empty)} split "
-                              f"({len(results)} usable songs; songs per split {dict(Counter(split.values()))}; pinned in "
-                              f"song.json: {dict(pinned) or 'none'}): ssl and finetune need train and val segments; "
-                              "remove \"split\" from some song.json files or add songs")
-    width = max([r["lyric_width"] for r in results.values()] + [1])
+    cnt = max(sum(r["frames"] for r in sums), 1)
+    mean = sum(r["sum"] for r in sums) / cnt; std = np.sqrt(np.maximum(sum(r["sq"] for r in sums) / cnt - mean ** 2, 1e-8))
+    names = ["train", "val", "test"] + sorted(set(split.values()) - {"train", "val", "test"})
     manifest_splits = {}
-    for name in ("train", "val", "test", *sorted(set(split.values()) - {"train", "val", "test"})):   # + e.g. shift (never trained on)
+    for name in names:
         ids = sorted(s for s in results if split[s] == name)
-        shards = write_shards([(tmp / s, results[s]["n"]) for s in ids], out, name, shard_size, width)
-        manifest_splits[name] = dict(songs=ids, n_segments=sum(results[s]["n"] for s in ids), shards=shards)
-    shutil.rmtree(tmp)
-    tr = [results[s] for s in results if split[s] == "train"] or list(results.values())
-    cnt = max(sum(r["frames"] for r in tr), 1)
-    mean = sum(r["mel_sum"] for r in tr) / cnt; std = np.sqrt(np.maximum(sum(r["mel_sq"] for r in tr) / cnt - mean ** 2, 1e-8))
-    langs = Counter(songs[s].get("language") or "unknown" for s in results)
-    unk = Counter(); chars = Counter()
-    for s, r in results.items():
-        unk[songs[s].get("language") or "unknown"] += r["unk"]; chars[songs[s].get("language") or "unknown"] += r["chars"]
-    summary = dict(songs=len(results), rejected=len(rejected),
-                   hours=round(sum(r["duration_s"] for r in results.values()) / 3600, 4),
-                   hours_per_stem={s: round(sum(r["stem_active_s"][s] for r in results.values()) / 3600, 4) for s in STEMS},
-                   languages=dict(sorted(langs.items())),
+        manifest_splits[name] = dict(songs=ids, n_segments=sum(len(results[s]["grid"]) for s in ids),
+                                     hours=round(sum(results[s]["duration_s"] for s in ids) / 3600, 6))
+    lang = lambda s: songs[s].get("language") or "unknown"
+    unk, chars = Counter(), Counter()
+    for s, r in results.items(): unk[lang(s)] += r["unk"]; chars[lang(s)] += r["chars"]
+    hours = sum(r["duration_s"] for r in results.values()) / 3600
+    summary = dict(songs=len(results), rejected=len(rejected), hours=round(hours, 4),
+                   hours_per_stem={s: round(sum(r["active_s"][s] for r in results.values()) / 3600, 4) for s in STEMS},
+                   languages=dict(sorted(Counter(lang(s) for s in results).items())),
                    segments={k: v["n_segments"] for k, v in manifest_splits.items()},
                    songs_per_split={k: len(v["songs"]) for k, v in manifest_splits.items()},
-                   silent_vocals_segments=sum(r["silent_vocals"] for r in results.values()),
-                   silent_acc_segments=sum(r["silent_acc"] for r in results.values()),
+                   silent_vocals_segments=sum(g[1] for r in results.values() for g in r["grid"]),
+                   silent_acc_segments=sum(g[2] for r in results.values() for g in r["grid"]),
                    dropped_silent_segments=n_dropped,
                    songs_with_timed_lyrics=sum(r["timed_lyrics"] for r in results.values()),
-                   unk_chars={k: f"{unk[k]}/{chars[k]}" for k in sorted(chars)})
-    fields = {f: dict(dtype=str(np.load(out / "shards" / manifest_splits[sp]["shards"][0]["name"] / f"{f}.npy", mmap_mode="r").dtype),
-                      shape=list(np.load(out / "shards" / manifest_splits[sp]["shards"][0]["name"] / f"{f}.npy", mmap_mode="r").shape[1:]))
-              for sp in ("train", "val", "test") if manifest_splits[sp]["shards"] for f in ALL_FIELDS}
-    manifest = dict(version=1, splits=manifest_splits, fields=fields, vocab=list(VOCAB), blank_id=0, unk_id=UNK_ID,
-                    space_id=SPACE_ID, max_lyric_len=width, mel_mean=mean[0].tolist(), mel_std=std[0].tolist(),
+                   unk_chars={k: f"{unk[k]}/{chars[k]}" for k in sorted(chars)},
+                   stats_songs=len(chosen), stats_hours=round(total / 3600, 4))
+    for r in results.values():
+        for k in ("dropped", "chars", "unk"): r.pop(k)
+    man_songs = {s: dict(split=split[s], **results[s]) for s in sorted(results)}
+    manifest = dict(version=2, kind="duotok-song-index", songs=man_songs, splits=manifest_splits, vocab=list(VOCAB),
+                    blank_id=0, unk_id=UNK_ID, space_id=SPACE_ID, mel_mean=mean[0].tolist(), mel_std=std[0].tolist(),
                     mel_stats={k: dict(mean=mean[i].tolist(), std=std[i].tolist()) for i, k in enumerate(("mix", "vocals", "acc"))},
                     audio=dict(sample_rate=spec.sr48, encoder_sample_rate=spec.sr24, hop_length=spec.hop, n_fft=spec.n_fft,
                                n_mels=spec.n_mels, token_rate=spec.token_rate, segment_s=spec.segment_s, hop_s=spec.hop_s,
-                               frames=spec.frames, tokens=spec.tokens, L24=spec.L24, L48=spec.L48,
+                               frames=spec.frames, tokens=spec.tokens, L24=spec.L24, L48=spec.L48, level_rate=LEVEL_RATE,
                                stems=list(STEMS), **(audio_facts or {})),
                     silence=dict(silence_db=spec.silence_db, mode=spec.silent),
                     song_split=split, song_info={s: dict(language=songs[s].get("language", ""), title=songs[s].get("title", s),
@@ -310,8 +299,10 @@ def preprocess_corpus(render_root: str | os.PathLike = "outputs/render", out: st
                     summary=summary)
     atomic_write_json(out / "manifest.json", manifest)
     atomic_write_json(out / "rejected.json", rejected)
+    size = folder_bytes(out) + 4096                                      # + summary.json (a few kB)
+    summary.update(bytes=size, mb_per_audio_hour=round(size / 1e6 / max(hours, 1e-9), 3))
     atomic_write_json(out / "summary.json", summary)
     log(f"[preprocess] corpus: {summary['songs']} songs, {summary['hours'] * 60:.1f} min, rejected {summary['rejected']}, "
-        f"segments {summary['segments']}, languages {summary['languages']}, hours per stem {summary['hours_per_stem']} "
-        f"({time.time() - t0:.1f} s)")
+        f"grid segments {summary['segments']}, languages {summary['languages']}, hours per stem {summary['hours_per_stem']}, "
+        f"index {size / 1e6:.2f} MB ({summary['mb_per_audio_hour']:.2f} MB per audio hour) ({time.time() - t0:.1f} s)")
     return summary

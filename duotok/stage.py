@@ -31,12 +31,13 @@ from .config import ConfigError, Params, load_params
 from .core import atomic_write_json, git_sha, is_main, is_main_process, project_root, seed_everything
 from .tracking import NullTracker, start_run
 
-STAGES = ("render", "preprocess", "ssl", "finetune", "codebook", "vae", "pre_encode", "decoder", "evaluate", "report")
+STAGES = ("render", "preprocess", "ssl", "finetune", "codebook", "vae", "pre_encode", "decoder", "evaluate",
+          "generate", "report")
 
 # %% auto #0
 __all__ = ['STAGES', 'stage_dir', 'run_record_path', 'stage_parser', 'package_dir', 'module_imports', 'import_closure',
-           'stage_modules', 'record_reads', 'declared_params', 'covered', 'resume_config', 'check_resume', 'Terminated',
-           'stage_main']
+           'stage_modules', 'record_reads', 'declared_params', 'covered', 'code_hashes', 'resume_config',
+           'resume_problems', 'check_resume_state', 'check_resume', 'Terminated', 'stage_main']
 
 # %% ../nbs/06_stage.ipynb #9ef24c26
 def stage_dir(name: str, root: str | Path = "outputs") -> Path:
@@ -216,41 +217,53 @@ def covered(key: str, declared: Iterable[str]) -> bool:
 # %% ../nbs/06_stage.ipynb #24f9b8bb
 def _sha256(f: Path) -> str: return hashlib.sha256(f.read_bytes()).hexdigest()[:16]
 
+def code_hashes(files: Iterable[str | os.PathLike]) -> dict[str, str]:
+    "{package-relative path: SHA-256 prefix} of package source files: the code a resume state is valid for."
+    pkg = package_dir()
+    return {str(Path(f).resolve().relative_to(pkg.parent)): _sha256(Path(f)) for f in files}
+
 def resume_config(name: str, params: Params, root: str | Path | None = None) -> dict:
     "What a resume state of stage `name` is valid for: its params values and the hash of each source file it runs."
     keys = declared_params(name, root)
     flat = params.flat()
-    pkg = package_dir()
     return json.loads(json.dumps({
         "params": {k: v for k, v in flat.items() if keys is None or covered(k, keys)},
-        "code": {str(f.relative_to(pkg.parent)): _sha256(f) for f in stage_modules(name)}}))
+        "code": code_hashes(stage_modules(name))}))
 
-def check_resume(name: str, params: Params, out: str | Path, restart: bool = False, write: bool = True,
-                 root: str | Path | None = None) -> Path | None:
-    """Before a stage runs: with `restart`, delete its resume folder; if a state is there, raise
-    `ResumeMismatch` unless it was made with the same params and code (returns the state to resume);
-    else record the configuration a new state will be made with. `write` False on ranks other than 0."""
+def resume_problems(old: dict | None, current: dict) -> list[str]:
+    "What differs between the configuration {params, code} a state was made with and `current` (empty: the same)."
+    if old is None: return ["no config.json beside the state (made by an older duotok)"]
+    problems = changed_keys(old.get("params", {}), current["params"], limit=20)
+    a, b = old.get("code", {}), current.get("code", {})
+    return problems + [f"code changed: {f}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+
+def check_resume_state(out: str | Path, current: dict, restart: bool = False, write: bool = True,
+                       restart_how: str = "re-run with --restart") -> Path | None:
+    """Before `fit` trains into `out`: with `restart`, delete its resume folder; if a state is there, raise
+    `ResumeMismatch` unless it was made with the configuration `current` ({params, code}; returns the state to
+    resume); else record `current` for the state a new run will make. `write` False on ranks other than 0.
+    `restart_how` names the command that starts over, for the message."""
     folder = resume_dir(out)
     if restart and write: shutil.rmtree(folder, ignore_errors=True)
-    current = resume_config(name, params, root)
+    current = json.loads(json.dumps(current))
     found = None if restart else resumable_state(out)
     if found is None:
         if write: atomic_write_json(folder / "config.json", current)
         return None
     cfg = folder / "config.json"
-    old = json.loads(cfg.read_text()) if cfg.exists() else None
-    if old is None: problems = ["no config.json beside the state (made by an older duotok)"]
-    else:
-        problems = changed_keys(old.get("params", {}), current["params"], limit=20)
-        a, b = old.get("code", {}), current["code"]
-        problems += [f"code changed: {f}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+    problems = resume_problems(json.loads(cfg.read_text()) if cfg.exists() else None, current)
     if problems:
         raise ResumeMismatch(
             f"{folder} holds an interrupted run made with another configuration:\n  " + "\n  ".join(problems) +
-            f"\nResuming would finish that run under the new configuration. To start over: "
-            f"python -m duotok.stages.{name} --restart (or delete {folder}, e.g. before `dvc repro`); "
-            "to resume it: restore the old values.")
+            f"\nResuming would finish that run under the new configuration. To start over: {restart_how} "
+            f"(or delete {folder}); to resume it: restore the old values.")
     return found
+
+def check_resume(name: str, params: Params, out: str | Path, restart: bool = False, write: bool = True,
+                 root: str | Path | None = None) -> Path | None:
+    """Before a stage runs: `check_resume_state` with the stage's params (its dvc.yaml keys) and code."""
+    return check_resume_state(out, resume_config(name, params, root), restart, write,
+                              f"python -m duotok.stages.{name} --restart (e.g. before `dvc repro`)")
 
 # %% ../nbs/06_stage.ipynb #7e4b44e4
 class Terminated(KeyboardInterrupt):

@@ -20,12 +20,13 @@ from .models.encoder import window_plan
 
 # %% auto #0
 __all__ = ['TOKEN_FORMAT', 'TOKEN_FORMAT_VERSION', 'TOKENIZER_FORMAT', 'ENCODE_CHUNK_S', 'TokenFileError', 'DualTokens',
-           'token_state_dict', 'TokenEncoder', 'tokenize_split', 'Decoded', 'stream_log_mel', 'DuoTok',
-           'package_encoder']
+           'write_npz', 'token_state_dict', 'TokenEncoder', 'tokenize_split', 'Decoded', 'stream_log_mel', 'DuoTok',
+           'package_encoder', 'encode_mix']
 
 # %% ../nbs/42_tokenizer.ipynb #9758fdda
 TOKEN_FORMAT = "duotok-tokens"
-TOKEN_FORMAT_VERSION = 1
+TOKEN_FORMAT_VERSION = 2
+"1: one song `(T,)` or a dense shard `(N, T)`. 2 adds ragged shards (`offsets`), `durations` and `meta` (read by 1 as a newer file)."
 
 
 class TokenFileError(ValueError):
@@ -34,14 +35,24 @@ class TokenFileError(ValueError):
 
 @dataclass
 class DualTokens:
-    """Two aligned token streams. `vocals`, `accompaniment`: int64 `(T,)` (one song) or `(N, T)` (a shard of
-    N segments, then `segment` holds N ids). `codebook_sizes` = (K_vocals, K_acc)."""
+    """Two aligned token streams, in one of three layouts:
+
+    - one song: `vocals`, `accompaniment` int64 `(T,)`;
+    - a dense shard of N equal-length segments: `(N, T)`;
+    - a ragged shard of N songs of any length: 1-D streams of all items concatenated, and `offsets` int64 `(N + 1,)`
+      (item i is `[offsets[i], offsets[i + 1])`).
+
+    Shards carry `segment` (N ids); optional per item: `durations` (N,) seconds of audio and `meta` (N dicts,
+    stored as JSON: the source files, sample rate, ...). `codebook_sizes` = (K_vocals, K_acc)."""
     vocals: np.ndarray
     accompaniment: np.ndarray
     token_rate: int = 25
     codebook_sizes: tuple[int, int] = (512, 512)
     model_id: str = ""
     segment: list[str] | None = None
+    offsets: np.ndarray | None = None
+    durations: np.ndarray | None = None
+    meta: list[dict] | None = None
 
     def __post_init__(self):
         self.vocals = np.asarray(_to_numpy(self.vocals))
@@ -50,13 +61,28 @@ class DualTokens:
         self.token_rate = int(self.token_rate) if float(self.token_rate).is_integer() else self.token_rate
         if self.segment is not None:
             self.segment = [str(s) for s in self.segment]
+        if self.offsets is not None:
+            self.offsets = np.asarray(_to_numpy(self.offsets))
+        if self.durations is not None:
+            self.durations = np.asarray(self.durations, dtype=np.float64).reshape(-1)
+        if self.meta is not None:
+            self.meta = [dict(m) for m in self.meta]
         self.validate()
 
     # -- facts -------------------------------------------------------------------------------------
     @property
-    def is_shard(self) -> bool: return self.vocals.ndim == 2
+    def is_ragged(self) -> bool: return self.offsets is not None
     @property
-    def n_tokens(self) -> int: return int(self.vocals.shape[-1])
+    def is_shard(self) -> bool: return self.vocals.ndim == 2 or self.is_ragged
+    @property
+    def n_tokens(self) -> int:
+        "Tokens per track: of the song, of each item of a dense shard, of all items of a ragged shard."
+        return int(self.vocals.shape[-1])
+    @property
+    def lengths(self) -> np.ndarray:
+        "Tokens per track of each item (N,); (1,) for one song."
+        if self.is_ragged: return np.diff(self.offsets)
+        return np.full(len(self), self.n_tokens, dtype=np.int64)
     @property
     def duration_s(self) -> float: return self.n_tokens / self.token_rate
     @property
@@ -66,15 +92,41 @@ class DualTokens:
     @property
     def kbps(self) -> float: return self.bits_per_second / 1000
 
-    def __len__(self) -> int: return int(self.vocals.shape[0]) if self.is_shard else 1
+    def __len__(self) -> int:
+        if self.is_ragged: return len(self.offsets) - 1
+        return int(self.vocals.shape[0]) if self.is_shard else 1
 
     def __getitem__(self, i: int) -> "DualTokens":
-        if not self.is_shard: raise TypeError("DualTokens: indexing needs a shard (N, T); this holds one song")
-        return DualTokens(self.vocals[i], self.accompaniment[i], self.token_rate, self.codebook_sizes,
-                          self.model_id, None)
+        "Item `i` of a shard as one song (its id is `segment[i]`)."
+        if not self.is_shard: raise TypeError("DualTokens: indexing needs a shard; this holds one song")
+        n = len(self)
+        if not -n <= i < n: raise IndexError(f"DualTokens: item {i} of a shard of {n}")
+        i %= n
+        if self.is_ragged:
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            v, acc = self.vocals[a:b], self.accompaniment[a:b]
+        else:
+            v, acc = self.vocals[i], self.accompaniment[i]
+        return DualTokens(v, acc, self.token_rate, self.codebook_sizes, self.model_id, None)
+
+    def select(self, indices: Sequence[int]) -> "DualTokens":
+        "The shard of items `indices` (in that order), with their ids, durations and metadata."
+        if not self.is_shard: raise TypeError("DualTokens.select: needs a shard")
+        idx = [int(i) for i in indices]
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]
+        if self.is_ragged:
+            return DualTokens.ragged([self[i] for i in idx], pick(self.segment) or [str(i) for i in idx], pick(self.durations),
+                                     pick(self.meta), self.token_rate, self.codebook_sizes, self.model_id)
+        return DualTokens(self.vocals[idx], self.accompaniment[idx], self.token_rate, self.codebook_sizes, self.model_id,
+                          pick(self.segment), None, pick(self.durations), pick(self.meta))
+
+    def __iter__(self):
+        if not self.is_shard: yield self; return
+        for i in range(len(self)): yield self[i]
 
     def __repr__(self) -> str:
-        what = f"shard of {len(self)} x {self.n_tokens}" if self.is_shard else f"{self.n_tokens} tokens"
+        what = (f"ragged shard of {len(self)} items, {self.n_tokens} tokens" if self.is_ragged else
+                f"shard of {len(self)} x {self.n_tokens}" if self.is_shard else f"{self.n_tokens} tokens")
         return (f"DualTokens({what}, {self.duration_s:.2f} s at {self.token_rate} Hz, K={self.codebook_sizes}, "
                 f"{self.kbps:.3f} kbps, model={self.model_id!r})")
 
@@ -87,10 +139,11 @@ class DualTokens:
             raise TokenFileError(f"{where}: token_rate must be > 0, got {self.token_rate}")
         for name, a, k in (("vocals", self.vocals, self.codebook_sizes[0]),
                            ("acc", self.accompaniment, self.codebook_sizes[1])):
-            if not np.issubdtype(a.dtype, np.integer):
+            if not np.issubdtype(a.dtype, np.integer) and not (a.size == 0 and a.dtype == np.float64):
                 raise TokenFileError(f"{where}: '{name}' must hold integer ids, got dtype {a.dtype}")
-            if a.ndim not in (1, 2):
-                raise TokenFileError(f"{where}: '{name}' must be (T,) or (N, T), got shape {a.shape}")
+            if a.ndim not in (1, 2) or (self.is_ragged and a.ndim != 1):
+                raise TokenFileError(f"{where}: '{name}' must be (T,) or (N, T)" + (" (1-D in a ragged shard)" if self.is_ragged else "")
+                                     + f", got shape {a.shape}")
             if a.size and (a.min() < 0 or a.max() >= k):
                 bad = np.flatnonzero((a.reshape(-1) < 0) | (a.reshape(-1) >= k))
                 raise TokenFileError(f"{where}: '{name}' ids must be in [0, {k}); {bad.size} are not "
@@ -98,33 +151,56 @@ class DualTokens:
         if self.vocals.shape != self.accompaniment.shape:
             raise TokenFileError(f"{where}: the two streams must be aligned; 'vocals' {self.vocals.shape} "
                                  f"vs 'acc' {self.accompaniment.shape}")
-        if self.segment is not None and (not self.is_shard or len(self.segment) != self.vocals.shape[0]):
-            raise TokenFileError(f"{where}: 'segment' has {len(self.segment)} ids for streams of shape "
-                                 f"{self.vocals.shape}")
+        if self.is_ragged:
+            o = self.offsets
+            if (not np.issubdtype(o.dtype, np.integer) or o.ndim != 1 or len(o) < 1 or o[0] != 0
+                    or o[-1] != self.vocals.shape[0] or (np.diff(o) < 0).any()):
+                raise TokenFileError(f"{where}: 'offsets' must be N + 1 non-decreasing integers from 0 to the stream "
+                                     f"length {self.vocals.shape[0]}, got {o.tolist()[:8]}{' ...' if len(o) > 8 else ''}")
+            self.offsets = o.astype(np.int64, copy=False)
+        n = len(self) if self.is_shard else None
+        for name, x in (("segment", self.segment), ("durations", self.durations), ("meta", self.meta)):
+            if x is not None and (n is None or len(x) != n):
+                raise TokenFileError(f"{where}: '{name}' has {len(x)} {'ids' if name == 'segment' else 'entries'} for streams of shape {self.vocals.shape}"
+                                     + (f" ({n} items)" if self.is_ragged else ""))
+        if self.durations is not None and not (np.isfinite(self.durations).all() and (self.durations >= 0).all()):
+            raise TokenFileError(f"{where}: 'durations' must be finite seconds >= 0")
         self.vocals = self.vocals.astype(np.int64, copy=False)
         self.accompaniment = self.accompaniment.astype(np.int64, copy=False)
         return self
 
     # -- io ----------------------------------------------------------------------------------------
     def header(self) -> dict[str, Any]:
-        return {"format": TOKEN_FORMAT, "version": TOKEN_FORMAT_VERSION, "token_rate": self.token_rate,
-                "codebook_sizes": list(self.codebook_sizes), "model_id": self.model_id,
-                "shape": list(self.vocals.shape), "kbps": round(self.kbps, 6)}
+        layout = "ragged" if self.is_ragged else "dense" if self.is_shard else "song"
+        h = {"format": TOKEN_FORMAT, "version": TOKEN_FORMAT_VERSION if self.is_ragged or self.meta is not None
+             or self.durations is not None else 1, "token_rate": self.token_rate,
+             "codebook_sizes": list(self.codebook_sizes), "model_id": self.model_id,
+             "shape": list(self.vocals.shape), "kbps": round(self.kbps, 6)}
+        if h["version"] > 1: h.update(layout=layout, items=len(self))
+        return h
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        "The named arrays of the file (what `save` writes)."
+        out = {"vocals": self.vocals, "acc": self.accompaniment, "header": np.array(json.dumps(self.header()))}
+        if self.segment is not None: out["segment"] = np.array(self.segment, dtype=str).reshape(-1)
+        if self.offsets is not None: out["offsets"] = self.offsets
+        if self.durations is not None: out["durations"] = self.durations
+        if self.meta is not None:
+            out["meta"] = np.array([json.dumps(m, sort_keys=True, ensure_ascii=False) for m in self.meta], dtype=str).reshape(-1)
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        "Write the `.npz` (atomically) and return its path."
+        """Write the `.npz` atomically and return its path. The archive is byte-reproducible: same tokens, same
+        bytes (fixed member timestamps, unlike `np.savez`), so a resumed run can be compared with an uninterrupted one."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"vocals": self.vocals, "acc": self.accompaniment, "header": np.array(json.dumps(self.header()))}
-        if self.segment is not None:
-            arrays["segment"] = np.array(self.segment, dtype=str)
         with atomic_write(path, "wb") as f:
-            np.savez(f, **arrays)
+            write_npz(f, self.arrays())
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DualTokens":
-        "Read and validate a token file written by `save` (or a `pre_encode` shard)."
+        "Read and validate a token file written by `save` (one song, a dense or a ragged shard)."
         path = Path(path)
         if not path.exists():
             raise TokenFileError(f"{path}: no such token file")
@@ -149,14 +225,20 @@ class DualTokens:
                 if k not in h: raise TokenFileError(f"{path}: header lacks '{k}'")
             seg = [str(s) for s in z["segment"]] if "segment" in z.files else None
             v, a = z["vocals"], z["acc"]
+            off = z["offsets"] if "offsets" in z.files else None
+            dur = z["durations"] if "durations" in z.files else None
+            try:
+                meta = [json.loads(str(m)) for m in z["meta"]] if "meta" in z.files else None
+            except Exception as e:
+                raise TokenFileError(f"{path}: field 'meta' is not a list of JSON objects ({e})") from None
         try:
-            return cls(v, a, h["token_rate"], tuple(h["codebook_sizes"]), h.get("model_id", ""), seg)
+            return cls(v, a, h["token_rate"], tuple(h["codebook_sizes"]), h.get("model_id", ""), seg, off, dur, meta)
         except TokenFileError as e:
             raise TokenFileError(str(e).replace("DualTokens", str(path), 1)) from None
 
     @classmethod
     def stack(cls, items: Sequence["DualTokens"], segment: Sequence[str] | None = None) -> "DualTokens":
-        "A shard (N, T) from N single-song tokens of equal length and equal codebooks."
+        "A dense shard (N, T) from N single-song tokens of equal length and equal codebooks."
         if not items: raise TokenFileError("DualTokens.stack: no items")
         first = items[0]
         for i, t in enumerate(items):
@@ -164,6 +246,38 @@ class DualTokens:
                 raise TokenFileError(f"DualTokens.stack: item {i} ({t!r}) does not match item 0 ({first!r})")
         return cls(np.stack([t.vocals for t in items]), np.stack([t.accompaniment for t in items]),
                    first.token_rate, first.codebook_sizes, first.model_id, list(segment) if segment else None)
+
+    @classmethod
+    def ragged(cls, items: Sequence["DualTokens"], segment: Sequence[str], durations: Sequence[float] | None = None,
+               meta: Sequence[dict] | None = None, token_rate: int | None = None,
+               codebook_sizes: tuple[int, int] | None = None, model_id: str | None = None) -> "DualTokens":
+        """A ragged shard from N single-song tokens of any lengths (N may be 0: then give `token_rate`,
+        `codebook_sizes` and `model_id`, which otherwise come from item 0)."""
+        if not items and (token_rate is None or codebook_sizes is None):
+            raise TokenFileError("DualTokens.ragged: no items; give token_rate and codebook_sizes")
+        first = items[0] if items else None
+        rate = token_rate if token_rate is not None else first.token_rate
+        K = tuple(codebook_sizes) if codebook_sizes is not None else first.codebook_sizes
+        mid = model_id if model_id is not None else first.model_id
+        for i, t in enumerate(items):
+            if t.is_shard or t.codebook_sizes != K or t.token_rate != rate:
+                raise TokenFileError(f"DualTokens.ragged: item {i} ({t!r}) is not one song with codebooks {K} at {rate} Hz")
+        cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum([t.n_tokens for t in items], dtype=np.int64)]).astype(np.int64)
+        return cls(cat([t.vocals for t in items]), cat([t.accompaniment for t in items]), rate, K, mid, list(segment),
+                   offsets, None if durations is None else list(durations), None if meta is None else list(meta))
+
+
+def write_npz(f, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` to the open binary file `f` as an `.npz` archive (what `np.load` reads, like `np.savez`),
+    with fixed member timestamps and order: the same arrays always give the same bytes."""
+    import zipfile
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, a in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            with z.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(a), allow_pickle=False)
 
 
 def _to_numpy(x):
@@ -467,13 +581,17 @@ class DuoTok:
         return tokens
 
     @torch.no_grad()
-    def decode(self, tokens: DualTokens | str | os.PathLike) -> Decoded:
-        "Tokens (or a token file) -> 48 kHz stems and mix, shaped (L,) for one song or (N, L) for a shard."
+    def decode(self, tokens: DualTokens | str | os.PathLike, progress: bool = False) -> Decoded:
+        """Tokens (or a token file) -> 48 kHz stems and mix, shaped (L,) for one song or (N, L) for a dense shard
+        (decode the items of a ragged shard one by one: `tok.decode(tokens[i])`). `progress`: a bar over chunks."""
         if not isinstance(tokens, DualTokens): tokens = DualTokens.load(tokens)
         self.check_tokens(tokens)
+        if tokens.is_ragged:
+            raise TokenFileError(f"DuoTok.decode: a ragged shard of {len(tokens)} songs; decode its items one by one "
+                                 "(tokens[i])")
         iv = torch.as_tensor(tokens.vocals).reshape(-1, tokens.n_tokens)
         ia = torch.as_tensor(tokens.accompaniment).reshape(-1, tokens.n_tokens)
-        wv, wa = self.decoder.decode(iv, ia)
+        wv, wa = self.decoder.decode(iv, ia, **({"progress": True} if progress else {}))
         wv, wa = _to_numpy(wv).astype(np.float32), _to_numpy(wa).astype(np.float32)
         if not tokens.is_shard: wv, wa = wv[0], wa[0]
         sr = int(getattr(self.decoder, "sample_rate", self.encoder.audio.sample_rate))
@@ -497,3 +615,36 @@ def package_encoder(codebook_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "kbps": te.bits_per_second / 1000, "encoder_sample_rate": te.audio.encoder_sample_rate,
         "sample_rate": te.audio.sample_rate})
     return out_dir
+
+# %% ../nbs/42_tokenizer.ipynb #0571a708
+def _get_separator(self):
+    "The mix front end: one set on this object, else the package's built-in `separator/`, else None."
+    if "_separator" not in self.__dict__:
+        d = self.decoder_dir.parent / "separator" if self.decoder_dir is not None else None
+        if d is not None and (d / "model.json").exists():
+            from duotok.separate import MaskSeparator
+            self.__dict__["_separator"] = MaskSeparator.from_dir(d, device=self.device)
+        else:
+            self.__dict__["_separator"] = None
+    return self.__dict__["_separator"]
+
+
+def _set_separator(self, sep) -> None:
+    self.__dict__["_separator"] = sep
+
+
+def encode_mix(self, mix, sr: int, separator=None, progress: bool = False) -> DualTokens:
+    """A mix (array (L,) or (channels, L) at `sr`) -> `DualTokens`: `separator` (default `self.separator`) splits it
+    into vocals and accompaniment, which `encode` tokenizes."""
+    sep = separator if separator is not None else self.separator
+    if sep is None:
+        raise ValueError("DuoTok.encode_mix: no separator: the package has no separator/ folder (the stage-2 "
+                         "separation head; re-package with python -m duotok.package) and none was given "
+                         "(separator=, or --separator module:function)")
+    if int(sr) <= 0: raise ValueError(f"DuoTok.encode_mix: sample rate must be > 0, got {sr}")
+    v, a, sr_out = sep(mix, int(sr))
+    return self.encode(v, a, int(sr_out), progress)
+
+
+DuoTok.separator = property(_get_separator, _set_separator)
+DuoTok.encode_mix = encode_mix

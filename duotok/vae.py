@@ -661,11 +661,14 @@ STEMS = {"vocals": "wav48_vocals", "acc": "wav48_acc"}
 
 
 class StemCrops(torch.utils.data.Dataset):
-    """Random `crop`-sample crops of single stems of a segment dataset (items with `wav48_vocals`,
-    `wav48_acc`, `silent_vocals`, `silent_acc`). Item -> float32 (crop,) waveform."""
+    """Random `crop`-sample crops of single stems of a list of segment items (`wav48_vocals`, `wav48_acc`,
+    `silent_vocals`, `silent_acc`; tests and notebooks; the stage reads songs with `duotok.data.TrackCrops`).
+    Item key `epoch x len + k` (`duotok.data.EpochSampler`) -> float32 (crop,) waveform of the k-th non-silent
+    (segment, stem) pair at an offset drawn from `default_rng([seed, epoch, k])` (any number of loader workers)."""
+    epoch_keys = True
 
     def __init__(self, base, crop: int, seed: int = 0):
-        self.base, self.crop = base, crop
+        self.base, self.crop, self.seed = base, crop, int(seed)
         self.pairs = []
         for i in range(len(base)):
             item = base[i]
@@ -674,17 +677,17 @@ class StemCrops(torch.utils.data.Dataset):
                     self.pairs.append((i, field))
         if not self.pairs:
             raise ValueError("StemCrops: every stem of the dataset is silent; nothing to train the VAE on")
-        self.rng = np.random.default_rng(seed)
 
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, k):
+    def __getitem__(self, key):
+        epoch, k = divmod(int(key), len(self.pairs))
         i, field = self.pairs[k]
         wav = torch.as_tensor(np.asarray(self.base[i][field]), dtype=torch.float32)
         if wav.shape[-1] <= self.crop:
             return torch.nn.functional.pad(wav, (0, self.crop - wav.shape[-1]))
-        start = int(self.rng.integers(0, wav.shape[-1] - self.crop + 1))
+        start = int(np.random.default_rng([self.seed, epoch, k]).integers(0, wav.shape[-1] - self.crop + 1))
         return wav[start:start + self.crop]
 
 

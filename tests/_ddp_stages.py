@@ -128,11 +128,10 @@ def main():
                                    TokenLatentChunks(toks, lat, 25, model.upsample), d.lambdas, tmp)
         # the two token LMs of the evaluate stage
         from duotok import lm as L
-        from duotok.evaluation import token_lm
         va, aa = L.synthetic_streams(N, 12, 16, seed=5)
         for proto in L.PROTOCOLS:
             seqs = L.build_sequences(va, aa, (16, 16), proto, prompt=2)
-            results[f"lm_{proto}"] = train(f"lm_{proto}", L.LMObjective(token_lm(P.evaluate.lm, (16, 16), 0)), objective_loss,
+            results[f"lm_{proto}"] = train(f"lm_{proto}", L.LMObjective(L.new_lm(P.evaluate.lm, (16, 16), 0)), objective_loss,
                                            seqs, {"lm/ce": 1.0}, tmp)
         got = on_rank0(lambda: {"rank": rank(), "world": world_size()})     # computed on rank 0, returned on every rank
         received = [got]

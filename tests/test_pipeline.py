@@ -41,7 +41,7 @@ _spec.loader.exec_module(G)
 STAGES = list(G.load_stages(ROOT))
 DVC = G._dvc()
 # downstream of the codebook stage in dvc.yaml (what `-S codebook.beta=...` must re-run, and nothing else)
-BELOW_CODEBOOK = {"codebook", "pre_encode", "decoder", "evaluate", "report"}
+BELOW_CODEBOOK = {"codebook", "pre_encode", "decoder", "evaluate", "generate", "report"}
 
 
 def _run(cmd, cwd, env, timeout=1800, check=True):

@@ -1,5 +1,5 @@
-"""Preprocess + datasets: contract fields/shapes, song-level split without leakage, silence handling,
-rejections (listed, counted, optionally fatal), MUSDB-shaped corpus end to end."""
+"""Preprocess (the song index) + the grid dataset: contract fields/shapes, no copy of the audio, song-level split
+without leakage, silence handling, rejections (listed, counted, optionally fatal), MUSDB-shaped corpus end to end."""
 import json
 from pathlib import Path
 
@@ -50,6 +50,11 @@ def test_contract_fields_and_shapes(corpus):
     rej = json.loads((out / "rejected.json").read_text())
     assert "length mismatch" in rej["train__broken"][0] and "shorter than half a segment" in rej["train__tiny"][0]
     assert set(summ["hours_per_stem"]) == set(STEMS) and summ["languages"]["ru"] == 1
+    assert man["version"] == 2 and set(man["songs"]) == set(man["song_split"]) and summ["bytes"] < 100_000
+    assert not [p for p in out.rglob("*") if p.suffix in (".npy", ".flac", ".wav")]          # no copy of the audio
+    rec = man["songs"]["train__lyr"]
+    assert (out / rec["stems"]["vocals"]).resolve() == (corpus / "render" / "songs" / "train__lyr" / "vocals.flac").resolve()
+    assert rec["sample_rate"] == 48000 and abs(rec["duration_s"] - 4.5) < 0.06 and len(rec["grid"]) == 2
     ds = SegmentDataset(out, "train")
     it = ds[0]
     F, T, L24, L48 = 200, 50, 48000, 96000
@@ -60,7 +65,7 @@ def test_contract_fields_and_shapes(corpus):
     assert set(it) == set(FIELDS)
     for k, shp in shapes.items(): assert tuple(it[k].shape) == shp, k
     assert it["mel_mix"].dtype == torch.float32 and it["lyric_ids"].dtype == torch.int64 and it["silent_acc"].dtype == torch.bool
-    assert it["lyric_ids"].shape == (man["max_lyric_len"],)
+    assert it["lyric_ids"].shape == (int(it["lyric_len"]),)                  # its own length; `collate` pads a batch
     assert torch.allclose(it["wav24_mix"], it["wav24_stems"].sum(0), atol=1e-6)
     ref = log_mel(it["wav24_mix"], 24000)[:, :F]
     assert torch.allclose(ref, it["mel_mix"], atol=1e-4) and it["mel_mix"].min() >= np.log(LOG_MEL_EPS) - 1e-6

@@ -135,29 +135,23 @@ def test_stage_resumes_after_kill(tmp_path):
 
 
 # ---------------------------------------------------------------- linear probe (duotok.probe)
-def _fake_preprocess(root, n=6, n_mels=32, F=80, seed=0):
-    """A tiny preprocess folder (train + val) whose mel carries the `singing` label: sung 25 Hz frames get
-    +3 on the lowest 8 mel bins. Everything else is noise (drums silent in every other segment)."""
+def _fake_preprocess(root, n=6, n_mels=32, segment_s=1.6, seed=0):
+    """A tiny song index (train + val songs of one `segment_s` grid segment each) whose audio carries the `singing`
+    label: in every other song a loud vocal tone sings one syllable over the whole segment, the others are silent
+    instrumentals. Drums are silent in every other song; tags name a source and a voice."""
     import numpy as np
-    rng = np.random.default_rng(seed)
-    info = {}
-    T = F // 4
+    from _corpus import index_corpus, write_song
+    sr, songs = 44100, root.parent / f"{root.name}_songs"
+    t = np.arange(int(segment_s * sr)) / sr
     for sp in ("train", "val"):
-        sh = root / "shards" / f"{sp}-0"; sh.mkdir(parents=True)
-        songs = [f"{['chorale', 'folk', 'pop'][i % 3]}-{sp}{i}" for i in range(n)]
-        for i, s in enumerate(songs): info[s] = {"tags": [s.split("-")[0], ["female", "male"][i % 2]]}
-        lf = rng.integers(0, 3, (n, T))
-        mel = rng.standard_normal((n, n_mels, F))
-        mel[:, :8, :] += 3 * np.repeat(lf != 0, 4, axis=1)[:, None, :]
-        arr = {"mel_mix": mel, "chroma_mix": rng.random((n, 12, F)), "chroma_vocals": rng.random((n, 12, F)),
-               "lyric_frames": lf, "wav24_stems": rng.standard_normal((n, 4, F * 240)) * 0.01}
-        arr["wav24_stems"][::2, 1] = 0.0                                       # drums in every other segment
-        for k, v in arr.items(): np.save(sh / f"{k}.npy", v.astype(np.int64 if k == "lyric_frames" else np.float32))
-        np.save(sh / "segment.npy", np.array([f"{s}@0.0" for s in songs]))
-    man = {"splits": {sp: {"shards": [{"name": f"{sp}-0", "n": n}]} for sp in ("train", "val")}, "vocab": ["_"],
-           "audio": {"frames": F, "tokens": T, "L24": F * 240}, "silence": {"silence_db": -50.0}, "song_info": info}
-    (root / "manifest.json").write_text(json.dumps(man))
-    return root
+        for i in range(n):
+            sung = i % 2 == 0
+            meta = {"split": sp, "language": "en", "tags": [["chorale", "folk", "pop"][i % 3], ["female", "male"][(i // 2) % 2]]}
+            if sung: meta["lyrics"] = [dict(text="la", start=0.0, end=segment_s, word=0)]
+            write_song(songs / sp / f"s{i}", secs=segment_s, sr=sr, seed=seed + i, meta=meta,
+                       silent=("vocals",) if not sung else ("drums",) if i % 4 == 0 else (),
+                       vocals=0.3 * np.sin(2 * np.pi * (220 + 20 * i) * t) if sung else None)
+    return index_corpus(songs, root.parent / f"{root.name}_work", segment_s=segment_s, n_mels=n_mels)
 
 
 def test_linear_probe_informative_features_beat_random():
@@ -221,7 +215,7 @@ def test_probe_ssl_on_a_preprocess_folder(tmp_path):
 
 def test_stage_reports_probe(tmp_path):
     from duotok.stages.ssl import run
-    root = _fake_preprocess(tmp_path / "pre", n_mels=128, F=40)
+    root = _fake_preprocess(tmp_path / "pre", n_mels=128)
     p = load_params(ROOT / "params.yaml", TOY + ["ssl.train.steps=2", "ssl.train.ckpt_every=2"])
     m = run(p, NullTracker(), out_dir=tmp_path / "ssl", data_root=root)
     assert m["steps"] == 2 and m["probe/layer"] == 0 and 0 <= m["probe/singing/trained"] <= 1

@@ -192,7 +192,7 @@ def model_from_finetune(ft: FinetuneModel, cfg: CodebookConfig, audio: AudioConf
 
 # %% ../../nbs/41_codebook_model.ipynb #4e83964e
 class LowerCache(torch.utils.data.Dataset):
-    "Wraps a segment dataset; items gain `h_vocals`, `h_acc` (T, D): the frozen lower half's outputs."
+    "Wraps a dataset of fixed items (the grid); items gain `h_vocals`, `h_acc` (T, D): the frozen lower half's outputs."
 
     def __init__(self, dataset, encoder: nn.Module, batch_size: int = 32):
         self.dataset = dataset

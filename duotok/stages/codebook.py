@@ -9,6 +9,7 @@ from ..checkpoint import save_checkpoint
 from ..config import Params
 from ..data import load_splits, make_loader
 from ..distributed import objective_loss, on_rank0
+from ..features import FeatureLoader, Featurized
 from ..heads import fit_blank_bias
 from ..models.codebook import (FIELDS, FrozenSnapshot, LowerCache, codebook_checks, codebook_lyric_logprobs,
                                     codebook_validate, dual_batch, init_codebooks, model_from_finetune)
@@ -22,28 +23,32 @@ __all__ = ['run']
 # %% ../../nbs/45_stage_codebook.ipynb #f29d1ad5
 def run(params: Params, tracker, data: dict | None = None, finetune: FinetuneModel | None = None,
         out_dir: str | Path = "outputs/codebook", finetune_dir: str | Path = "outputs/finetune") -> dict:
-    """Stage 3. `data` (tests) = {'train', 'val', optional 'collate'}; default: the preprocess outputs.
-    `finetune` (tests): a stage-2 model; default: rebuilt from `finetune_dir`."""
-    c, t = params.codebook, params.codebook.train
-    data = data or load_splits(FIELDS)
+    """Stage 3. `data` (tests) = {'train', 'val', optional 'collate', 'features', 'train_grid'}; default: the song
+    index (random `data.crop_s` crops of the train songs, augmented; the val and train grids). `finetune` (tests): a
+    stage-2 model; default: rebuilt from `finetune_dir`."""
+    c, t, d = params.codebook, params.codebook.train, params.data
+    data = data or load_splits(FIELDS, crop_s=d.crop_s, seed=t.seed, augment=d.augment,
+                               max_eval=d.max_eval_segments)
     model = model_from_finetune(finetune if finetune is not None else FinetuneModel.from_checkpoint(finetune_dir),
                                 c, params.audio)
-    train_ds, val_ds, col = data["train"], data["val"], data.get("collate")
-    if c.cache_lower:
-        train_ds, val_ds = LowerCache(train_ds, model.encoder), LowerCache(val_ds, model.encoder)
+    col, feats = data.get("collate"), data.get("features")
+    train_ds, val_ds, grid = data["train"], data["val"], data.get("train_grid", data["train"])
+    if c.cache_lower:                                       # fixed grid items only: random crops change every epoch
+        val_ds = LowerCache(val_ds, model.encoder)
+        if grid is train_ds: train_ds = grid = LowerCache(grid, model.encoder)
     train = make_loader(train_ds, t.batch_size, True, t.seed, t.num_workers, col, "codebook train split")
-    train_in_order = make_loader(train_ds, t.batch_size, False, collate_fn=col, name="codebook train split")
-    val = make_loader(val_ds, t.batch_size, False, collate_fn=col, name="codebook val split")
+    train_in_order = FeatureLoader(make_loader(grid, t.batch_size, False, collate_fn=col, name="codebook train split"), feats, model)
+    val = FeatureLoader(make_loader(val_ds, t.batch_size, False, collate_fn=col, name="codebook val split"), feats, model)
     probe = dual_batch(next(iter(val)))
     snapshot = FrozenSnapshot(model, probe["mel"], probe.get("h"))
     if c.data_init:
-        init_codebooks(model, train_ds, col, t.seed, t.batch_size)
+        init_codebooks(model, grid, col, t.seed, t.batch_size)
     summary = model.trainable_summary()
     tracker.log_params({"codebook/trainable_params": sum(summary.values()),
                         "codebook/frozen_params": sum(p.numel() for m in model.frozen_parts().values() for p in m.parameters())})
     start = codebook_validate(model, val)
-    res = fit(model, objective_loss, train, t, out_dir, tracker, dict(c.lambdas), val_loader=val,
-              val_fn=codebook_validate, desc="codebook")
+    res = fit(Featurized(model, feats), objective_loss, train, t, out_dir, tracker, dict(c.lambdas), val_loader=val,
+              val_fn=lambda m, loader: codebook_validate(m.inner, loader), desc="codebook")
 
     def finish() -> dict:                                   # rank 0: blank bias, checks, checkpoint
         v, bias = dict(res.val_metrics), None

@@ -33,7 +33,7 @@ def run(params: Params, tracker, pre_dir: str | Path = "outputs/pre_encode", roo
         vae_dir: str | Path = "outputs/vae", codebook_dir: str | Path = "outputs/codebook",
         out_dir: str | Path | None = None, datasets: dict | None = None, package_to: str | Path | None = "default") -> dict:
     """Train the decoder on `pre_dir`, score val, save `out_dir/denoiser.*`, package the tokenizer.
-    `datasets={"train":..., "val":...}` replaces the preprocess shards for the audio references
+    `datasets={"train":..., "val":...}` replaces the song index's grid for the audio references
     (tests); `package_to=None` skips packaging."""
     cfg, t = params.decoder, params.decoder.train
     out = Path(out_dir) if out_dir is not None else stage_dir("decoder")

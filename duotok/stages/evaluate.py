@@ -32,8 +32,10 @@ __all__ = ['run']
 def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", prep_root: str | Path = "outputs/preprocess",
         out_dir: str | Path | None = None, eval_dir: str | Path = "eval", tokenizer=None, test_items=None,
         render_root: str | Path = "outputs/render") -> dict:
-    """The evaluate stage. `tokenizer` / `test_items` replace the package / preprocess split (tests). Whole songs for the
-    stability part and the score F0 come from the render stage's folders (`render_root`)."""
+    """The evaluate stage. `tokenizer` / `test_items` replace the package / preprocess split (tests; then the parts
+    that read the preprocess split and the rendered songs, whole test songs and mixes, are not run). Whole songs (long
+    LM contexts, the stability part) and the score F0 come from the render stage's folders (`render_root`)."""
+    songs_root = Path(render_root) / "songs"
     ecfg, lt, sr = params.evaluate, params.evaluate.lm_train, params.audio.sample_rate
     out = Path(out_dir) if out_dir is not None else stage_dir("evaluate")
     eval_dir = Path(eval_dir)
@@ -41,24 +43,44 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
     train = E.load_token_split(pre_root, "train")
     test_split = "test" if (Path(pre_root) / "tokens_test.npz").exists() else "val"
     test = E.load_token_split(pre_root, test_split)
-    V, prompt = train.codebook_sizes, E.prompt_tokens(train.n_tokens, ecfg.prompt_s, train.token_rate)
+    V, prompt = train.codebook_sizes, E.prompt_tokens(int(train.lengths.max()), ecfg.prompt_s, train.token_rate)
     models, lm_s = {}, {}
-    for proto in L.PROTOCOLS:                               # every rank trains both LMs
-        seqs = L.build_sequences(train.vocals, train.accompaniment, V, proto, prompt=prompt)
+    for proto in L.PROTOCOLS:                               # every rank trains both LMs (duotok lm train's code)
         t1 = time.time()
-        res = fit(L.LMObjective(E.token_lm(ecfg.lm, V, lt.seed)), objective_loss,
-                  make_loader(seqs, lt.batch_size, True, lt.seed, name=f"lm {proto} train sequences"), lt,
-                  out / f"lm_{proto}", E.Prefixed(tracker, f"lm_{proto}/"), {"lm/ce": 1.0}, progress=False, desc=f"lm {proto}")
-        models[proto], lm_s[f"lm/{proto}/train_s"] = res.model.model.eval(), round(time.time() - t1, 1)
+        models[proto], _ = L.train_lm(train, proto, ecfg.lm, lt, out / f"lm_{proto}", E.Prefixed(tracker, f"lm_{proto}/"),
+                                      prompt=prompt, progress=False)
+        lm_s[f"lm/{proto}/train_s"] = round(time.time() - t1, 1)
 
     def finish() -> dict:                                   # rank 0: scores, reconstruction, example, files
         out.mkdir(parents=True, exist_ok=True)
         m, usage = E.token_metrics(train, test)
         np.savez(out / "code_counts.npz", vocals=usage["vocals"].counts, acc=usage["acc"].counts)
-        m.update({**E.lm_metrics(models, train, test, prompt), **lm_s, "lm_s": round(time.time() - t0, 1),
+        m.update({**E.lm_metrics(models, train, test, prompt, ecfg.lm.context), **lm_s, "lm_s": round(time.time() - t0, 1),
                   "lm/train_steps": lt.steps, "sample_rate": sr})
+        for proto, model in models.items():                 # the LMs are outputs: duotok generate, the generate stage
+            L.save_lm(out / "lm", model, proto, context=ecfg.lm.context, prompt=prompt, token_rate=train.token_rate,
+                      tokenizer=train.model_id, train_steps=lt.steps)
         from duotok.tokenizer import DuoTok
         tok = tokenizer if tokenizer is not None else DuoTok.from_pretrained(ecfg.package)
+        extra = []
+        if test_items is None:                              # whole test songs (long contexts) and mixes (separator)
+            t1 = time.time()
+            srcs = E.test_songs(songs_root, prep_root, test_split)
+            if srcs and tuple(tok.codebook_sizes) == tuple(V):
+                from duotok.tokenize import tokenize_songs
+                songs, rej = tokenize_songs(tok, srcs)
+                m.update(E.context_metrics(models, songs, sorted({100, ecfg.lm.context}), prompt))
+                extra += [f"whole test song {r['id']} not tokenized: {r['reason']}" for r in rej]
+                if len(songs) and songs.lengths.max() < ecfg.lm.context:
+                    extra.append(f"no test song reaches {ecfg.lm.context} tokens (longest: {int(songs.lengths.max())}): "
+                                 f"the LM figures at context {ecfg.lm.context} are not measured")
+            else:
+                extra.append(f"LM figures on whole test songs not measured: no {test_split} songs under {songs_root} "
+                             f"(ids from {prep_root}/manifest.json)" if not srcs else
+                             "LM figures on whole test songs not measured: the package's codebooks differ from the tokens'")
+            m["lm/songs_s"] = round(time.time() - t1, 1)
+            mm, mnotes = E.mix_part(tok, E.load_mix_items(prep_root, test_split))
+            m.update(mm); extra += mnotes
         if ecfg.sampling_steps > 0 and hasattr(type(tok), "decoder"):      # 0 = the package's own sampling steps
             tok.decoder.steps = int(ecfg.sampling_steps)
         t1 = time.time()
@@ -87,12 +109,12 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
                 m.update(E.pitch_probe_part(tok.encoder, prep_root, render_root, lt.seed))
         elif ecfg.stability_s > 0 or ecfg.pitch_probe:
             more_notes.append("token stability and the pitch probe need a packaged DuoTok tokenizer; not measured")
-        if manifest.get("splits", {}).get("shift", {}).get("n_segments", 0):
+        if test_items is None and manifest.get("splits", {}).get("shift", {}).get("n_segments", 0):
             sh, _, _ = E.reconstruction_part(tok, E.load_test_audio(prep_root, "shift", ecfg.max_test_segments), sr)
             m.update({k.replace("recon/", "recon_shift/", 1): v for k, v in sh.items()})
         m["stability_s"] = round(time.time() - t1, 1)
         m.update(E.generate_example(models["v2a"], test, prompt, ecfg.temperature, ecfg.top_k, lt.seed, tok, out))
-        notes = E.evaluation_notes(m, ecfg, M.available_metrics(), test_split, vocab) + more_notes
+        notes = E.evaluation_notes(m, ecfg, M.available_metrics(), test_split, vocab) + extra + more_notes
         m = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in m.items()}
         m["evaluate_s"] = round(time.time() - t0, 1)
         clean = {k: v for k, v in m.items() if isinstance(v, float) and math.isfinite(v)}

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..config import Params
 from ..data import load_splits, make_loader
 from ..distributed import objective_loss, on_rank0
+from ..features import FeatureLoader, Featurized
 from ..heads import fit_blank_bias
 from ..models.encoder import load_encoder
 from ..models.finetune import (FIELDS, FinetuneModel, FinetuneObjective, enabled_heads, finetune_validate,
@@ -23,10 +24,12 @@ __all__ = ['run']
 def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path = "outputs/finetune",
         ssl_dir: str | Path = "outputs/ssl") -> dict:
     """Train stage 2 from the ssl checkpoint. `data` (tests) = {'train', 'val', 'manifest', optional
-    'collate'}; default: the preprocess outputs. Returns the metrics dict."""
-    f, t = params.finetune, params.finetune.train
-    data = data or load_splits(FIELDS)
-    vocab, col = list(data["manifest"]["vocab"]), data.get("collate")
+    'collate', 'features', 'train_grid'}; default: the song index (random `data.crop_s` crops of the train songs,
+    augmented; the val and train grids for measurements). Returns the metrics dict."""
+    f, t, d = params.finetune, params.finetune.train, params.data
+    data = data or load_splits(FIELDS, crop_s=d.crop_s, seed=t.seed, augment=d.augment, remix=True,
+                               max_eval=d.max_eval_segments)
+    vocab, col, feats = list(data["manifest"]["vocab"]), data.get("collate"), data.get("features")
     model = FinetuneModel(load_encoder(ssl_dir), f, vocab)
     heads = enabled_heads(dict(f.lambdas))
     freezer = ProgressiveFreezer(model.freeze_units(), t.steps, f.freeze)
@@ -34,18 +37,19 @@ def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path =
     tracker.log_params({"finetune/heads": ",".join(heads),
                         "finetune/freeze_schedule": "; ".join(f"{s}:{n}" for s, n in schedule)})
     train = make_loader(data["train"], t.batch_size, True, t.seed, t.num_workers, col, "finetune train split")
-    train_in_order = make_loader(data["train"], t.batch_size, False, collate_fn=col, name="finetune train split")
-    val = make_loader(data["val"], t.batch_size, False, collate_fn=col, name="finetune val split")
+    train_in_order = FeatureLoader(make_loader(data.get("train_grid", data["train"]), t.batch_size, False, collate_fn=col,
+                                               name="finetune train split"), feats, model)   # fixed grid: measurements
+    val = FeatureLoader(make_loader(data["val"], t.batch_size, False, collate_fn=col, name="finetune val split"), feats, model)
     chroma_mean = mean_chroma(train_in_order)
 
     def on_step(step, objective):                            # the schedules are pure functions of the step
-        objective.model.noise.set_step(step)
-        return {**freezer.apply(step), "noise/p": objective.model.noise.current_p}
+        objective.inner.model.noise.set_step(step)
+        return {**freezer.apply(step), "noise/p": objective.inner.model.noise.current_p}
 
-    res = fit(FinetuneObjective(model, heads), objective_loss, train, t, out_dir, tracker, dict(f.lambdas),
-              val_loader=val, val_fn=lambda o, loader: finetune_validate(o.model, loader, vocab, chroma_mean, heads),
+    res = fit(Featurized(FinetuneObjective(model, heads), feats), objective_loss, train, t, out_dir, tracker, dict(f.lambdas),
+              val_loader=val, val_fn=lambda o, loader: finetune_validate(o.inner.model, loader, vocab, chroma_mean, heads),
               on_step=on_step, desc="finetune",
-              lr_mult={"model.heads.ctc.": f.ctc_lr_mult} if "ctc" in heads and f.ctc_lr_mult != 1.0 else None)
+              lr_mult={"inner.model.heads.ctc.": f.ctc_lr_mult} if "ctc" in heads and f.ctc_lr_mult != 1.0 else None)
 
     def finish() -> dict:                                   # rank 0: lyric decoding bias, k-means report, checkpoint
         freezer.apply(res.step)

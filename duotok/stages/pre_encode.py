@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..config import Params, to_dict
 from ..core import atomic_write_json, is_main
-from ..data import SegmentDataset
-from ..diffusion import encode_latents, latent_stats, write_pre_encoded
+from ..data import SegmentDataset, load_manifest
+from ..diffusion import encode_latents, latent_stats, latents_file, write_pre_encoded
 from ..stage import stage_dir, stage_main
 from ..tokenizer import TokenEncoder, tokenize_split
 from ..vae import load_vae
@@ -45,7 +45,8 @@ def run(params: Params, tracker, root: str | Path = "outputs/preprocess", codebo
                 "sample_rate": int(params.audio.sample_rate), "model_id": encoder.model_id,
                 "audio": to_dict(encoder.audio), "layout": "latents (N, 2=[vocals, acc], C, T50)"}
     metrics, t0 = {}, time.time()
-    for split in SPLITS:
+    splits = list(datasets) if datasets is not None else list(load_manifest(root)["splits"])   # every split of the index
+    for split in sorted(splits, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)):
         ds_tok = datasets.get(split) if datasets is not None else _open(root, split, ["mel_vocals", "mel_acc", "segment"])
         ds_wav = datasets.get(split) if datasets is not None else _open(root, split, ["wav48_vocals", "wav48_acc"])
         if ds_tok is None:
@@ -53,7 +54,7 @@ def run(params: Params, tracker, root: str | Path = "outputs/preprocess", codebo
         ts = time.time()
         toks = tokenize_split(encoder, ds_tok, batch_size=params.pre_encode.batch_size)
         t_tok = time.time() - ts
-        lat = encode_latents(vae, ds_wav)
+        lat = encode_latents(vae, ds_wav, alloc=lambda shape: latents_file(out, split, shape))
         write_pre_encoded(out, split, toks, lat)
         manifest["splits"][split] = {"n": len(toks), "tokens": toks.n_tokens, "latent_frames": int(lat.shape[-1])}
         if split == "train":

@@ -20,11 +20,12 @@ def spec_from_params(params: Params) -> SegmentSpec:
                        silence_db=p.silence_db, silent=p.silent)
 
 def run(params: Params, tracker) -> dict:
-    "Preprocess `outputs/render` into `outputs/preprocess`; returns the flattened corpus summary."
+    "Index `outputs/render` into `outputs/preprocess`; returns the flattened corpus summary."
     p = params.preprocess
     summary = preprocess_corpus("outputs/render", "outputs/preprocess", spec_from_params(params), p.val_fraction,
-                                p.test_fraction, p.shard_size, p.fatal_rejections, p.workers, p.seed,
-                                audio_facts=dict(codebook_size=params.audio.codebook_size, vae_hop=params.audio.vae_hop))
+                                p.test_fraction, fatal_rejections=p.fatal_rejections, workers=p.workers, seed=p.seed,
+                                audio_facts=dict(codebook_size=params.audio.codebook_size, vae_hop=params.audio.vae_hop),
+                                stats_max_s=p.stats_max_s)
     flat = {}
     for k, v in summary.items():
         if isinstance(v, dict):

@@ -8,7 +8,8 @@ from pathlib import Path
 from ..config import Params
 from ..core import count_parameters
 from ..data import load_splits, make_loader
-from ..distributed import on_rank0
+from ..distributed import objective_loss, on_rank0
+from ..features import FeatureLoader, Featurized
 from ..ssl import bestrq_loss, bestrq_validate, build_bestrq, save_bestrq
 from ..stage import is_main, stage_main
 from ..train import fit
@@ -19,23 +20,27 @@ __all__ = ['run']
 # %% ../../nbs/23_stage_ssl.ipynb #298830e2
 def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path = "outputs/ssl",
         data_root: str | Path = "outputs/preprocess") -> dict:
-    """Train stage 1. `data` (tests) = {'train', 'val', 'manifest', optional 'collate'}; default: the
-    preprocess outputs in `data_root`. Returns the metrics dict (written to `outputs/ssl/metrics.json` by
-    stage_main). With `ssl.probe.enabled` and data read from disk, the linear probe of the trained encoder vs
-    its random-init twin (`duotok.probe.probe_ssl`) adds `probe/<label>/{trained,random,majority}`."""
-    s, t = params.ssl, params.ssl.train
+    """Train stage 1. `data` (tests) = {'train', 'val', 'manifest', optional 'collate', 'features'}; default: the
+    song index in `data_root`: random `data.crop_s` crops of the train songs (augmented, `data.augment`) and the
+    val grid. Returns the metrics dict (written to `outputs/ssl/metrics.json` by stage_main). With
+    `ssl.probe.enabled` and data read from disk, the linear probe of the trained encoder vs its random-init twin
+    (`duotok.probe.probe_ssl`) adds `probe/<label>/{trained,random,majority}`."""
+    s, t, d = params.ssl, params.ssl.train, params.data
     from_disk = data is None
-    data = data or load_splits(["mel_mix"], data_root)
-    model = build_bestrq(s, params.audio, data.get("manifest"), data["train"])   # input statistics: train front end
+    data = data or load_splits(["mel_mix"], data_root, crop_s=d.crop_s, seed=t.seed, augment=d.augment, remix=True,
+                               max_eval=d.max_eval_segments)
+    model = build_bestrq(s, params.audio, data.get("manifest"), data.get("train_grid", data["train"]))  # stats: front end on train
     n_params = count_parameters(model.encoder)
     tracker.log_params({"ssl/encoder_params": n_params})
+    feats = data.get("features")                            # mel of the crops, computed in the training step
     train = make_loader(data["train"], t.batch_size, True, t.seed, t.num_workers, data.get("collate"), "ssl train split")
-    val = make_loader(data["val"], t.batch_size, False, collate_fn=data.get("collate"), name="ssl val split")
-    res = fit(model, bestrq_loss, train, t, out_dir, tracker, dict(s.lambdas), val_loader=val,
-              val_fn=lambda m, loader: bestrq_validate(m, loader, seed=t.seed + 1), desc="ssl")
+    val = FeatureLoader(make_loader(data["val"], t.batch_size, False, collate_fn=data.get("collate"), name="ssl val split"),
+                        feats, model)
+    res = fit(Featurized(model, feats, bestrq_loss), objective_loss, train, t, out_dir, tracker, dict(s.lambdas),
+              val_loader=val, val_fn=lambda m, loader: bestrq_validate(m.inner, loader, seed=t.seed + 1), desc="ssl")
 
     def finish() -> dict:                                   # rank 0: checkpoint, metrics, probe
-        save_bestrq(out_dir, res.model)
+        save_bestrq(out_dir, res.model.inner)
         v = res.val_metrics
         m = {"steps": res.step, "encoder_params": n_params, "resumed_from": res.resumed_from,
              **{f"val/{k}": x for k, x in v.items()}, **{f"train/{k}": x for k, x in res.train_metrics.items()}}

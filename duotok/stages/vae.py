@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import Params
 from ..core import freeze, is_main
-from ..data import load_splits, make_loader
+from ..data import SegmentDataset, TrackCrops, make_loader
 from ..distributed import objective_loss, on_rank0
 from ..stage import stage_dir, stage_main
 from ..train import fit
@@ -26,18 +26,23 @@ def run(params: Params, tracker, root: str | Path = "outputs/preprocess", out_di
         datasets: tuple | None = None) -> dict:
     """Train (or load) the VAE, save `out_dir/vae.*`, return val metrics.
 
-    `datasets=(train, val)` replaces the preprocess shards (tests and notebooks)."""
+    Training crops: `vae.segment_s` crops of the vocal and accompaniment tracks of the train songs (`TrackCrops`,
+    augmented with `data.augment`); val: the fixed val grid. `datasets=(train items, val items)` replaces the song
+    index (tests and notebooks; training then crops the train items with `StemCrops`)."""
     cfg, audio, t = params.vae, params.audio, params.vae.train
     out = Path(out_dir) if out_dir is not None else stage_dir("vae")
+    crop = int(round(cfg.segment_s * audio.sample_rate))
     if datasets is None:
-        d = load_splits(FIELDS, root); datasets = (d["train"], d["val"])
-    train_ds, val_ds = datasets
+        train_ds, val_ds = None, SegmentDataset(root, "val", FIELDS)
+    else:
+        train_ds, val_ds = datasets
     vae = build_vae(cfg, audio)
     tracker.log_params({"vae/params": sum(p.numel() for p in vae.parameters())})
     metrics: dict[str, float] = {}
     t0 = time.time()
     if not cfg.pretrained:
-        crops = StemCrops(train_ds, crop=int(round(cfg.segment_s * audio.sample_rate)), seed=t.seed)
+        crops = TrackCrops(root, "train", cfg.segment_s, t.seed, params.data.augment) if train_ds is None \
+            else StemCrops(train_ds, crop=crop, seed=t.seed)
         loader = make_loader(crops, t.batch_size, True, t.seed, t.num_workers, name="vae train crops")
         res = fit(VAEObjective(vae, dict(cfg.lambdas)), objective_loss, loader, t, out, tracker, dict(cfg.lambdas), desc="vae")
         vae = res.model.vae
