@@ -339,13 +339,22 @@ def test_run_commands(repo_copy, tmp_path):
             assert all(keep.search(c) for c in csv) and len(csv) <= 12, csv
 
 
-@pytest.mark.parametrize("block", sorted(PY))
-def test_python_blocks(block):
+def test_python_blocks():
+    "Each ```python block compiles and imports only public names; the `run` ones execute."
     import duotok
-    compile(block, "README.md", "exec")
-    for names in re.findall(r"^\s*from duotok import (.+)$", block, re.M):
-        assert all(n.strip() in duotok.__all__ for n in names.split(",")), names
-    if PYTHON[block] == "run": exec(compile(block, "README.md", "exec"), {})
+    for block in PY:
+        code = compile(block, "README.md", "exec")
+        for names in re.findall(r"^\s*from duotok import (.+)$", block, re.M):
+            assert all(n.strip() in duotok.__all__ for n in names.split(",")), names
+        if PYTHON.get(block) == "run": exec(code, {})
+
+
+def test_papermill_needs_no_kernel_option(tmp_path):
+    "The README's papermill lines pass no `-k`: a cleaned notebook's kernel spec names an installed kernel."
+    r = subprocess.run([str(BIN / "papermill"), str(ROOT / "nbs" / "index.ipynb"), str(tmp_path / "out.ipynb"),
+                        "--cwd", str(ROOT / "nbs")], capture_output=True, text=True, timeout=300,
+                       env={**_env(), "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("bad, msg", [
