@@ -365,7 +365,7 @@ def test_papermill_needs_no_kernel_option(tmp_path):
     ("make reproduce", "no target"),
     ("python -m duotok.stages.ssl --sett ssl.train.steps=1", "no option --sett"),
     ("duotok encode --vocal v.wav", "no option --vocal"),
-    ("duotok tokenize x", "no subcommand"),
+    ("duotok tokenise x", "no subcommand"),
     ("papermill nbs/32_stage_finetune.ipynb out.ipynb", "no notebook"),
     ("papermill nbs/33_stage_finetune.ipynb out.ipynb -p run_stages True", "no parameter run_stages"),
     ("torchrun --nproc-per-nodes=2 -m duotok.stages.finetune", "no option"),
