@@ -82,7 +82,7 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
             tok.decoder.steps = int(ecfg.sampling_steps)
         t1 = time.time()
         items = test_items if test_items is not None else E.load_test_audio(prep_root, test_split, ecfg.max_test_segments)
-        vocab = load_manifest(prep_root).get("vocab") if (Path(prep_root) / "manifest.json").exists() else None
+        vocab = load_manifest(prep_root).get("vocab") if test_items is None else None
         rec_m, rows, rec_toks = E.reconstruction_part(tok, items, sr, ecfg.pitch_segments, out, params.report.n_examples,
                                                       asr=M.load_asr() if ecfg.asr_segments > 0 else None,
                                                       asr_segments=ecfg.asr_segments, vocab=vocab,
