@@ -804,6 +804,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'duotok.stage._Recording.__getattribute__': ('stage.html#_recording.__getattribute__', 'duotok/stage.py'),
                               'duotok.stage._Recording.__hash__': ('stage.html#_recording.__hash__', 'duotok/stage.py'),
                               'duotok.stage._Recording.__reduce__': ('stage.html#_recording.__reduce__', 'duotok/stage.py'),
+                              'duotok.stage._lazy_table': ('stage.html#_lazy_table', 'duotok/stage.py'),
                               'duotok.stage._leaves': ('stage.html#_leaves', 'duotok/stage.py'),
                               'duotok.stage._module_file': ('stage.html#_module_file', 'duotok/stage.py'),
                               'duotok.stage._module_name': ('stage.html#_module_name', 'duotok/stage.py'),

@@ -92,6 +92,14 @@ def _source_tree(f: Path) -> ast.AST:
 
 _DYNAMIC = {"import_module", "__import__"}
 
+def _lazy_table(pkg: Path) -> dict[str, str]:
+    "The package's `_LAZY` table (public name -> module, `duotok/__init__.py`), {} if it has none."
+    init = pkg / "__init__.py"
+    for node in ast.parse(init.read_text()).body if init.is_file() else []:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["_LAZY"]:
+            return ast.literal_eval(node.value)
+    return {}
+
 def module_imports(f: Path, pkg: Path | None = None) -> set[Path]:
     """The package source files that file `f` (a module of the package, or a notebook) imports itself,
     anywhere in it: top level, inside functions, relative or absolute."""
@@ -99,8 +107,11 @@ def module_imports(f: Path, pkg: Path | None = None) -> set[Path]:
     inside = f.resolve().is_relative_to(pkg)
     module, is_pkg = _module_name(f.resolve(), pkg) if inside else ("__main__", False)
     names: set[str] = set()
+    lazy = _lazy_table(pkg)                  # `from duotok import DuoTok` / `duotok.DuoTok` load a module lazily
     for node in ast.walk(_source_tree(f)):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == pkg.name and node.attr in lazy:
+            names.add(lazy[node.attr])
+        elif isinstance(node, ast.Import):
             for a in node.names:
                 parts = a.name.split(".")
                 names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
@@ -113,6 +124,7 @@ def module_imports(f: Path, pkg: Path | None = None) -> set[Path]:
             target = base + (node.module.split(".") if node.module else [])
             names.update(".".join(target[:i]) for i in range(1, len(target) + 1))
             names.update(".".join(target + [a.name]) for a in node.names)   # `from pkg import module`
+            if target == [pkg.name]: names.update(lazy[a.name] for a in node.names if a.name in lazy)
         elif isinstance(node, ast.Call):
             fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
             if fn in _DYNAMIC:
@@ -124,12 +136,15 @@ def module_imports(f: Path, pkg: Path | None = None) -> set[Path]:
     return {p for p in (_module_file(n, pkg) for n in names) if p is not None}
 
 def _trivial_init(f: Path) -> bool:
-    "An `__init__.py` holding nothing that can change behaviour (a docstring, `__version__`, `__all__`)."
+    """An `__init__.py` holding nothing that can change behaviour: a docstring, `__version__`, `__all__`, the
+    `_LAZY` table and the PEP 562 hooks `__getattr__` / `__dir__` that read it (what a lazy name loads is
+    counted where the name is imported, `module_imports`)."""
     if f.name != "__init__.py": return False
     for node in ast.parse(f.read_text()).body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant): continue
-        if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id in ("__version__", "__all__")
+        if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id in ("__version__", "__all__", "_LAZY")
                                                 for t in node.targets): continue
+        if isinstance(node, ast.FunctionDef) and node.name in ("__getattr__", "__dir__"): continue
         return False
     return True
 
@@ -142,7 +157,7 @@ def import_closure(sources: Iterable[str | os.PathLike], pkg: Path | None = None
         f = todo.pop()
         if f in seen: continue
         seen.add(f)
-        todo.extend(module_imports(f, pkg) - seen)
+        if not _trivial_init(f): todo.extend(module_imports(f, pkg) - seen)
     return sorted(f for f in seen if f.is_relative_to(pkg) and f.suffix == ".py" and not _trivial_init(f))
 
 def stage_modules(name: str) -> list[Path]:

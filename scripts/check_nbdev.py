@@ -1,8 +1,15 @@
-"""Fail when `nbdev-export` or `nbdev-clean` would change the committed tree.
+"""Fail when `nbdev-export` or `nbdev-clean` would change the committed tree, or when a notebook has no
+kernel spec after `nbdev-clean`.
 
 Works on a copy (the developer's files are never touched): copies nbs/, duotok/ and pyproject.toml to a
-temporary folder, runs both commands there, and compares every file with the original."""
+temporary folder, runs both commands there, and compares every file with the original.
+
+Every notebook carries `KERNELSPEC` in its metadata, so papermill (no `-k`) and JupyterLab (no "Select
+Kernel" dialog) open it as is; nbdev-clean keeps the `kernelspec` key (pyproject.toml
+`allowed_metadata_keys`) and sets its display name to its name. `python scripts/check_nbdev.py
+--add-kernelspec` writes it into the notebooks that lack it (then run `nbdev-clean`)."""
 import filecmp
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +18,22 @@ from pathlib import Path
 
 root = Path(__file__).resolve().parents[1]
 bin_dir = Path(sys.executable).parent
+KERNELSPEC = {"display_name": "python3", "language": "python", "name": "python3"}
+
+
+def lacks_kernelspec(nbs: Path) -> list[Path]:
+    "The notebooks under `nbs` whose metadata is not `KERNELSPEC`."
+    return [f for f in sorted(nbs.rglob("*.ipynb")) if ".ipynb_checkpoints" not in f.parts
+            and json.loads(f.read_text()).get("metadata", {}).get("kernelspec") != KERNELSPEC]
+
+
+if "--add-kernelspec" in sys.argv[1:]:
+    for f in lacks_kernelspec(root / "nbs"):
+        nb = json.loads(f.read_text())
+        nb.setdefault("metadata", {})["kernelspec"] = dict(KERNELSPEC)
+        f.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")   # nbdev's layout: only the metadata changes
+        print(f"[check_nbdev] kernelspec added: {f.relative_to(root)}")
+    sys.exit(0)
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     for p in ["nbs", "duotok", "pyproject.toml", "README.md"]:
@@ -20,6 +43,10 @@ with tempfile.TemporaryDirectory() as tmp:
     for cmd in (["nbdev-export"], ["nbdev-clean"]):
         r = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], cwd=tmp, capture_output=True, text=True)
         if r.returncode: sys.exit(f"{cmd[0]} failed:\n{r.stdout}\n{r.stderr}")
+    bare = lacks_kernelspec(tmp / "nbs")
+    if bare:
+        sys.exit(f"no kernelspec {KERNELSPEC} after nbdev-clean in:\n  " + "\n  ".join(str(f.relative_to(tmp)) for f in bare)
+                 + "\n(python scripts/check_nbdev.py --add-kernelspec && nbdev-clean)")
     changed = []
     for d in ["nbs", "duotok"]:
         for f in sorted((tmp / d).rglob("*")):

@@ -85,9 +85,10 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
             tok.decoder.steps = int(ecfg.sampling_steps)
         t1 = time.time()
         items = test_items if test_items is not None else E.load_test_audio(prep_root, test_split, ecfg.max_test_segments)
-        manifest = load_manifest(prep_root) if (Path(prep_root) / "manifest.json").exists() else {}
+        manifest = load_manifest(prep_root) if test_items is None else {}  # test items: no preprocess / render reads
         vocab = manifest.get("vocab")
-        items = E.attach_score_f0(items, render_root, sr)                 # score F0 of rendered songs (pitch vs score)
+        if test_items is None:                                            # score F0 of rendered songs (pitch vs score)
+            items = E.attach_score_f0(items, render_root, sr)
         rec_m, rows, rec_toks = E.reconstruction_part(tok, items, sr, ecfg.pitch_segments, out, params.report.n_examples,
                                                       asr=M.load_asr() if ecfg.asr_segments > 0 else None,
                                                       asr_segments=ecfg.asr_segments, vocab=vocab,
