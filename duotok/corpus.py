@@ -780,6 +780,8 @@ def music_excerpts(out: Path, packages, excerpts: int, excerpt_s: float, seed: i
             fade = np.minimum(1.0, np.minimum(np.arange(len(x)), np.arange(len(x))[::-1]) / (0.01 * sr))
             sid = f"shift-{pkg}-{k:02d}"; d = out / sid; d.mkdir(parents=True, exist_ok=True)
             sf.write(str(d / f"{ACCOMPANIMENT}.flac"), x * fade, sr, subtype="PCM_16")
+            ns = f.stat().st_mtime_ns              # the source file's time: a rebuilt excerpt (same bytes) keeps its song hash
+            os.utime(d / f"{ACCOMPANIMENT}.flac", ns=(ns, ns))
             meta = dict(**facts(f), source=f"Debian package {pkg} {version}: {f} [{start:.2f} s, {start + len(x) / sr:.2f} s]",
                         language="", split="shift", instrumental=True, tags=["shift", "real-music", pkg])
             (d / "song.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -708,8 +708,10 @@ def evaluate_vae(vae, val_items, sample_rate: int = 48000, max_segments: int = 0
             if not bool(item.get(f"silent_{stem}", False)):
                 wavs.append(np.asarray(item[field], dtype=np.float32))
         m = round_trip_metrics(vae, wavs, sample_rate, pitch=False) if wavs else {}
-        out.update({f"val/{stem}/{k}": m.get(k, float("nan")) for k in ("mel_l1", "pesq", "stoi", "si_sdr")})
+        out.update({f"val/{stem}/{k}": m[k] for k in ("mel_l1", "pesq", "stoi", "si_sdr")
+                    if math.isfinite(m.get(k, float("nan")))})     # undefined (e.g. PESQ on no speech-like activity): absent
         out[f"val/{stem}/n"] = len(wavs)
         if stem == "vocals" and pitch_segments and wavs:
-            out["val/vocals/rpa"] = round_trip_metrics(vae, wavs[:pitch_segments], sample_rate, pitch=True)["rpa"]
+            rpa = round_trip_metrics(vae, wavs[:pitch_segments], sample_rate, pitch=True)["rpa"]
+            if math.isfinite(rpa): out["val/vocals/rpa"] = rpa       # NaN when no original frame is voiced
     return out
