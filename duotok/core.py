@@ -122,12 +122,14 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 # %% ../nbs/00_core.ipynb #a6726846
 def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
-    "The current commit (with `+dirty` when the tree has changes), or None outside a git repo."
+    """The current commit, with `+dirty` when tracked files differ from it, or None outside a git repo. `dvc.lock`
+    does not count: `dvc repro` rewrites it after every stage, so it would mark every later stage of a clean
+    checkout dirty; its content is a record of the run, not an input."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0: return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude,top)dvc.lock"],
+                               cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
