@@ -209,3 +209,19 @@ def test_nbdev_clean_keeps_the_parameters_tag(tmp_path):
     subprocess.run([str(Path(sys.executable).parent / "nbdev-clean"), "--fname", str(path)], check=True, cwd=tmp_path)
     meta = nbformat.read(path, as_version=4).cells[0].metadata
     assert meta.get("tags") == ["parameters"] and "scrolled" not in meta
+
+
+def test_git_sha_dirty_only_when_tracked_inputs_differ(tmp_path):
+    "dvc.lock, rewritten by `dvc repro` after every stage, does not mark the run dirty; any other tracked change does."
+    from duotok.core import git_sha
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q"); git("config", "user.email", "t@t"); git("config", "user.name", "t")
+    (tmp_path / "dvc.lock").write_text("a\n"); (tmp_path / "params.yaml").write_text("x: 1\n")
+    git("add", "."); git("commit", "-qm", "c")
+    clean = git_sha(tmp_path)
+    assert clean and "+dirty" not in clean
+    (tmp_path / "dvc.lock").write_text("b\n")
+    (tmp_path / "new_untracked.txt").write_text("u\n")
+    assert git_sha(tmp_path) == clean
+    (tmp_path / "params.yaml").write_text("x: 2\n")
+    assert git_sha(tmp_path) == clean + "+dirty"
