@@ -156,7 +156,7 @@ class DualTokens:
             if (not np.issubdtype(o.dtype, np.integer) or o.ndim != 1 or len(o) < 1 or o[0] != 0
                     or o[-1] != self.vocals.shape[0] or (np.diff(o) < 0).any()):
                 raise TokenFileError(f"{where}: 'offsets' must be N + 1 non-decreasing integers from 0 to the stream "
-                                     f"length {self.vocals.shape[0]}, got {o.tolist()[:8]}{' ...' if len(o) > 8 else ''}")
+                                     f"length {self.vocals.shape[0]}, got {o.reshape(-1).tolist()[:8]}{' ...' if o.size > 8 else ''}")
             self.offsets = o.astype(np.int64, copy=False)
         n = len(self) if self.is_shard else None
         for name, x in (("segment", self.segment), ("durations", self.durations), ("meta", self.meta)):
