@@ -94,12 +94,15 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
     except Exception as e: raise AudioError(f"{p}: unreadable audio file ({e}); re-export it as WAV or FLAC") from None
     return AudioInfo(str(p), int(i.samplerate), int(i.channels), int(i.frames))
 
-def check_sample_rate(sr: int, where: str) -> int:
-    "`sr` if it is within [MIN_SR, MAX_SR]; otherwise an `AudioError` naming `where`."
-    if not MIN_SR <= sr <= MAX_SR:
+def check_sample_rate(sr, where: str) -> int:
+    """`sr` as an int if it is a whole number of Hz within [MIN_SR, MAX_SR]; otherwise an `AudioError` naming
+    `where` (a file, or an API entry point such as `DuoTok.encode`, which take arrays with a rate)."""
+    try: ok = float(sr).is_integer() and MIN_SR <= int(sr) <= MAX_SR
+    except (TypeError, ValueError, OverflowError): ok = False
+    if not ok:
         raise AudioError(f"{where}: sample rate {sr} Hz is outside {MIN_SR}-{MAX_SR} Hz (a damaged header?); "
                          "re-export the file at a standard rate such as 44100 or 48000 Hz")
-    return sr
+    return int(sr)
 
 def check_audio_info(info: AudioInfo, max_channels: int = 2, max_duration_s: float = MAX_DURATION_S) -> AudioInfo:
     "Refuse, from the header alone, a file whose rate, channel count or length is unusable."

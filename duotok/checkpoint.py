@@ -5,25 +5,29 @@
 # %% ../nbs/04_checkpoint.ipynb #62b3609d
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import flatten
-from .core import atomic_path, atomic_write_json
+from .core import InputError, atomic_path, atomic_write_json
 
 # %% auto #0
-__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'load_config', 'ResumeMismatch', 'resume_dir', 'changed_keys',
-           'resumable_state']
+__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'load_config', 'read_weights', 'read_config_json',
+           'checkpoint_errors', 'build_checked', 'ResumeMismatch', 'resume_dir', 'changed_keys', 'resumable_state']
 
 # %% ../nbs/04_checkpoint.ipynb #babf8283
-class CheckpointError(FileNotFoundError):
-    "A checkpoint is missing or incomplete."
+class CheckpointError(FileNotFoundError, InputError):
+    """A checkpoint is missing, incomplete or damaged; the message names the file and the field. (Also a
+    `FileNotFoundError`, which callers catching a missing file expect, and an `InputError`, which entry points
+    print as one line.)"""
 
 def save_checkpoint(dir: str | os.PathLike, model: nn.Module | dict[str, torch.Tensor], config: dict[str, Any],
                     name: str = "model") -> Path:
@@ -43,13 +47,67 @@ def load_checkpoint(dir: str | os.PathLike, name: str = "model", device: str = "
     w, c = dir / f"{name}.safetensors", dir / f"{name}.json"
     for p in (w, c):
         if not p.exists(): raise CheckpointError(f"checkpoint file missing: {p} (did the stage that writes it run?)")
-    return load_file(str(w), device=device), json.loads(c.read_text())["config"]
+    return read_weights(w, device), read_config_json(c)
 
 def load_config(dir: str | os.PathLike, name: str = "model") -> dict:
     "Only the config of a checkpoint."
     c = Path(dir) / f"{name}.json"
     if not c.exists(): raise CheckpointError(f"checkpoint config missing: {c}")
-    return json.loads(c.read_text())["config"]
+    return read_config_json(c)
+
+# %% ../nbs/04_checkpoint.ipynb #b6167ad7
+_REDO = "re-run the stage that writes it, or re-package the tokenizer (python -m duotok.package)"
+
+def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    "The tensors of a `.safetensors` file; `CheckpointError` naming it if it is not a regular, intact safetensors file."
+    p = Path(path)
+    if not p.is_file(): raise CheckpointError(f"{p}: not a regular file; {_REDO}")
+    with open(p, "rb") as f: head = f.read(8)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise CheckpointError(f"{p}: a pickled PyTorch file, not safetensors; duotok never loads pickles: {_REDO}")
+    try: return load_file(str(p), device=device)
+    except Exception as e:     # the Rust library raises SafetensorError / OSError / ValueError for damaged files
+        raise CheckpointError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e}); {_REDO}") from None
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    "The `config` mapping of a checkpoint's JSON; `CheckpointError` naming the file if it is unreadable or malformed."
+    p = Path(path)
+    try: obj = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{p}: not a readable JSON config ({type(e).__name__}: {e}); {_REDO}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict):
+        raise CheckpointError(f'{p}: expected a JSON object {{"config": {{...}}}}, got {str(obj)[:80]}; {_REDO}')
+    return obj["config"]
+
+@contextlib.contextmanager
+def checkpoint_errors(where: str):
+    "Errors raised while a model is built from a checkpoint config or loads its weights become `CheckpointError`s naming `where`."
+    try: yield
+    except InputError: raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError, ZeroDivisionError, AssertionError) as e:
+        raise CheckpointError(f"{where}: the config and weights do not make a model ({type(e).__name__}: "
+                              f"{str(e)[:300]}); {_REDO}") from None
+
+def build_checked(build: Callable[[], nn.Module], state: dict[str, torch.Tensor], where: str,
+                  ratio: float = 4.0, floor: int = 64 << 20) -> nn.Module:
+    """`build()`, first on the `meta` device (no memory): refuse, naming `where`, a model whose tensors of the same
+    name have other shapes than in `state`, or which holds more than `ratio` x the values of `state` (+ `floor`).
+    Then build it for real. (A model that cannot be built on `meta` is built directly.)"""
+    with checkpoint_errors(where):
+        try:
+            with torch.device("meta"): m = build()
+        except (NotImplementedError, RuntimeError, TypeError, ValueError, AttributeError):
+            m = None
+        if m is not None:
+            sd = m.state_dict()
+            bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)} in the weights" for k, v in state.items()
+                   if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+            if bad: raise CheckpointError(f"{where}: the config's shapes differ from the weights ({'; '.join(bad[:3])}); {_REDO}")
+            need, have = sum(t.numel() for t in sd.values()), sum(t.numel() for t in state.values())
+            if need > ratio * have + floor:
+                raise CheckpointError(f"{where}: the config describes a model of {need} values but the weights hold "
+                                      f"{have}: a damaged or mismatched config; {_REDO}")
+        return build()
 
 # %% ../nbs/04_checkpoint.ipynb #948a3a1d
 class ResumeMismatch(RuntimeError):

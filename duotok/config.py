@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -17,17 +19,82 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .core import InputError
+
 # %% auto #0
-__all__ = ['SECTIONS', 'ConfigError', 'from_dict', 'to_dict', 'flatten', 'AudioConfig', 'TrainConfig', 'VarietyConfig',
-           'ShiftConfig', 'RenderConfig', 'PreprocessConfig', 'AugmentConfig', 'DataConfig', 'EncoderConfig',
-           'ProbeConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig', 'FinetuneConfig', 'CodebookConfig', 'VAEConfig',
-           'PreEncodeConfig', 'DecoderConfig', 'LMConfig', 'EvaluateConfig', 'GenerateConfig', 'ReportConfig', 'Params',
-           'parse_override', 'load_params_dict', 'load_params', 'checkpoint_config', 'read_section', 'expect_kind',
-           'config_id']
+__all__ = ['ANY', 'POSITIVE', 'NON_NEGATIVE', 'AT_LEAST_1', 'FRACTION', 'PROBABILITY', 'SIZE', 'RANGES', 'SECTIONS',
+           'ConfigError', 'Range', 'numeric_rule', 'check_range', 'from_dict', 'to_dict', 'flatten', 'AudioConfig',
+           'TrainConfig', 'VarietyConfig', 'ShiftConfig', 'RenderConfig', 'PreprocessConfig', 'AugmentConfig',
+           'DataConfig', 'EncoderConfig', 'ProbeConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig', 'FinetuneConfig',
+           'CodebookConfig', 'VAEConfig', 'PreEncodeConfig', 'DecoderConfig', 'LMConfig', 'EvaluateConfig',
+           'GenerateConfig', 'ReportConfig', 'Params', 'parse_override', 'load_params_dict', 'load_params',
+           'checkpoint_config', 'read_section', 'expect_kind', 'config_id']
 
 # %% ../nbs/01_config.ipynb #ff9aaa52
-class ConfigError(ValueError):
-    "A params file or override is wrong; the message names the dotted key."
+class ConfigError(InputError):
+    "A params file, a checkpoint config or an override is wrong; the message names the dotted key (and the file)."
+
+# %% ../nbs/01_config.ipynb #112cfb2c
+@dataclass(frozen=True)
+class Range:
+    "An interval of allowed values; `lo_open` / `hi_open` exclude the end. None = unbounded."
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        if not math.isfinite(v): return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)): return False
+        return self.hi is None or (v < self.hi or (not self.hi_open and v == self.hi))
+
+    def __str__(self) -> str:
+        if self.lo is None and self.hi is None: return "finite"
+        if self.hi is None: return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None: return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+ANY, POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(), Range(0, lo_open=True), Range(0), Range(1)
+FRACTION, PROBABILITY = Range(0, 1, hi_open=True), Range(0, 1)
+SIZE = Range(1, 65536)                                           # widths, hidden sizes, channels (paper: 1024)
+
+# Allowed values of every number in params.yaml, by dotted key (glob patterns; list indices dropped; the first
+# match wins). A key no row covers is only checked for being finite; the notebook asserts that every number of
+# params.yaml and its profiles has a row, so a new number must get one here.
+RANGES: tuple[tuple[str, Range], ...] = (
+    ("*sample_rate", Range(8000, 384000)),                       # the audio loader's range (duotok.audio)
+    ("*seed", ANY), ("ssl.probe.layer", ANY), ("*_db", ANY), ("*dbfs*", ANY),
+    ("*_fraction", FRACTION), ("*holdout", Range(0, 1, lo_open=True, hi_open=True)),
+    ("*dropout", FRACTION), ("*top_p", Range(0, 1, lo_open=True)), ("*_p", PROBABILITY), ("*.p", PROBABILITY), ("*_prob", PROBABILITY),
+    ("*batch_size", AT_LEAST_1), ("*sampling_steps", AT_LEAST_1), ("*steps", NON_NEGATIVE), ("*_every", NON_NEGATIVE),
+    ("*lr", POSITIVE), ("*lr_mult", POSITIVE), ("*weight_decay", NON_NEGATIVE), ("*grad_clip", NON_NEGATIVE),
+    ("*workers", NON_NEGATIVE), ("*max_len", AT_LEAST_1), ("*max_*", NON_NEGATIVE), ("*_segments", NON_NEGATIVE), ("*n_examples", NON_NEGATIVE),
+    ("*.lambdas.*", NON_NEGATIVE), ("*.beta", NON_NEGATIVE), ("*sigma", NON_NEGATIVE), ("*_std", NON_NEGATIVE),
+    ("*prompt_s", NON_NEGATIVE), ("*crossfade_s", NON_NEGATIVE), ("*context_s", NON_NEGATIVE),
+    ("*stats_max_s", NON_NEGATIVE), ("*max_s", NON_NEGATIVE), ("*_s", POSITIVE),          # durations (s)
+    ("*temperature", POSITIVE), ("*top_k", NON_NEGATIVE), ("*guidance_scale", NON_NEGATIVE), ("*bootstrap", NON_NEGATIVE),
+    ("*cents", POSITIVE), ("*transpose", NON_NEGATIVE), ("*recipes", NON_NEGATIVE), ("*excerpts", NON_NEGATIVE),
+    ("*tempo_factor", POSITIVE), ("*compress_ratio", Range(1)), ("*reverb*", NON_NEGATIVE), ("*lowpass_hz", NON_NEGATIVE), ("*_songs", NON_NEGATIVE), ("*grid", POSITIVE),
+    ("*rope_theta", POSITIVE), ("*codebook_size", Range(2, 1 << 24)),
+    ("audio.*", AT_LEAST_1),
+    # model sizes: bounded above too, so a damaged checkpoint config cannot ask for a model of 10^5 layers
+    ("*layers", Range(1, 256)), ("*heads", Range(1, 256)), ("*harmonics", Range(1, 4096)), ("*codebooks", Range(1, 64)),
+    ("*width", SIZE), ("*ffn*", SIZE), ("*hidden*", SIZE), ("*_dim", SIZE), ("*channels", SIZE), ("*n_fft", SIZE),
+    ("*_len", Range(1, 1 << 24)), ("*.context", Range(1, 1 << 24)), ("*hop", AT_LEAST_1), ("*ratios", AT_LEAST_1),
+    ("*multiples", AT_LEAST_1),
+)
+
+def numeric_rule(key: str) -> Range:
+    "The `Range` of dotted `key` (list indices ignored): its first matching row of `RANGES`, else `ANY`."
+    k = re.sub(r"\[\d+\]", "", key)
+    return next((rng for pattern, rng in RANGES if fnmatch.fnmatchcase(k, pattern)), ANY)
+
+def check_range(key: str, value):
+    "`value` if it lies in the declared range of `key`; otherwise a `ConfigError` naming the key."
+    rng = numeric_rule(key)
+    if value not in rng: raise ConfigError(f"{key}: {value!r} is not {'in ' if str(rng)[0] in '[(' else ''}{rng}")
+    return value
+
 
 # %% ../nbs/01_config.ipynb #0177d5b6
 def _type_name(tp) -> str:
@@ -67,11 +134,11 @@ def _coerce(tp, value, key: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
+        return check_range(key, value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+        return check_range(key, float(value))
     if tp is str:
         if not isinstance(value, str): raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
@@ -515,15 +582,24 @@ def parse_override(s: str) -> dict:
     for p in reversed(parts[:-1]): d = {p: d}
     return d
 
+def _read_yaml(path: Path) -> dict:
+    "A params file as a mapping; a `ConfigError` naming the file if it is not YAML or not a mapping."
+    try: raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, RecursionError) as e:
+        raise ConfigError(f"{path}: not a readable YAML file ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    if raw is None: return {}
+    if not isinstance(raw, dict): raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
 def load_params_dict(path: str | Path = "params.yaml", overrides: typing.Sequence[str] = (),
                      profile: str | Path | None = None) -> dict:
     "The merged raw mapping (params file, then profile, then overrides)."
     path = Path(path)
     if not path.exists(): raise ConfigError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _read_yaml(path)
     if profile:
-        prof = yaml.safe_load(Path(profile).read_text()) or {}
-        raw = _deep_merge(raw, prof)
+        if not Path(profile).is_file(): raise ConfigError(f"profile file not found: {profile}")
+        raw = _deep_merge(raw, _read_yaml(Path(profile)))
     for o in overrides: raw = _deep_merge(raw, parse_override(o))
     return raw
 
@@ -544,7 +620,9 @@ def read_section(cfg: dict, key: str, where: str = "checkpoint"):
     if key not in cfg:
         raise ConfigError(f"{where}: the config has no '{key}' section (it has {sorted(cfg)}); was it written by "
                           "another version of duotok? Re-run the stage that wrote it.")
-    return from_dict(SECTIONS[key], cfg[key], key)
+    try: return from_dict(SECTIONS[key], cfg[key], key)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where != "checkpoint" and not str(e).startswith(where) else str(e)) from None
 
 def expect_kind(cfg: dict, kind: str, where: str = "checkpoint") -> dict:
     "Raise unless `cfg` is the config of a checkpoint written by stage `kind`; return it."

@@ -245,10 +245,13 @@ class TokenDecoder:
         from duotok.core import freeze
         from duotok.vae import load_vae
         dir = Path(dir)
+        from duotok.checkpoint import build_checked, checkpoint_errors
         state, cfg = load_checkpoint(dir, name="denoiser")
-        model = latent_decoder_from_config(cfg, f"{dir}/denoiser.json")
-        model.load_state_dict(state)
-        return cls.from_config(freeze(model), load_vae(dir, name="vae"), cfg, steps, guidance_scale)
+        where = f"{dir}/denoiser.json"
+        model = build_checked(lambda: latent_decoder_from_config(cfg, where), state, where)
+        with checkpoint_errors(f"{dir}/denoiser.safetensors"): model.load_state_dict(state)
+        vae = load_vae(dir, name="vae")
+        with checkpoint_errors(where): return cls.from_config(freeze(model), vae, cfg, steps, guidance_scale)
 
     @classmethod
     def from_config(cls, model: LatentDecoder, vae, cfg: dict, steps: int | None = None,

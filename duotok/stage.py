@@ -28,7 +28,7 @@ import yaml
 
 from .checkpoint import ResumeMismatch, changed_keys, resumable_state, resume_dir
 from .config import ConfigError, Params, load_params
-from .core import atomic_write_json, git_sha, is_main, is_main_process, project_root, seed_everything
+from .core import InputError, atomic_write_json, git_sha, is_main, is_main_process, project_root, seed_everything
 from .tracking import NullTracker, start_run
 
 STAGES = ("render", "preprocess", "ssl", "finetune", "codebook", "vae", "pre_encode", "decoder", "evaluate",
@@ -37,7 +37,7 @@ STAGES = ("render", "preprocess", "ssl", "finetune", "codebook", "vae", "pre_enc
 # %% auto #0
 __all__ = ['STAGES', 'stage_dir', 'run_record_path', 'stage_parser', 'package_dir', 'module_imports', 'import_closure',
            'stage_modules', 'record_reads', 'declared_params', 'covered', 'code_hashes', 'resume_config',
-           'resume_problems', 'check_resume_state', 'check_resume', 'Terminated', 'stage_main']
+           'resume_problems', 'check_resume_state', 'check_resume', 'Terminated', 'input_error_exit', 'stage_main']
 
 # %% ../nbs/06_stage.ipynb #9ef24c26
 def stage_dir(name: str, root: str | Path = "outputs") -> Path:
@@ -298,14 +298,20 @@ def _seed_of(params: Params, name: str) -> int:
     train = getattr(section, "train", None)
     return getattr(train, "seed", None) or getattr(section, "seed", 0) or 0
 
+def input_error_exit(name: str, e: InputError) -> None:
+    """Bad input (a `duotok.core.InputError`: `ConfigError`, `TokenFileError`, `AudioError`, `CheckpointError`, ...)
+    ends every stage the same way: one line `[<stage>] error: <message>` on stderr, no traceback, exit status 2."""
+    msg = " | ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    print(f"[{name}] error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
 def stage_main(name: str, run: Callable[[Params, object], dict], argv: list[str] | None = None) -> dict:
     """Parse args, load params, check the resume state, seed, open the MLflow run, call `run`, write
     `outputs/<name>/metrics.json` and the run record `outputs/.runs/<name>.json`."""
     if name not in STAGES: raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
     args = stage_parser(name).parse_args(argv)
     try: params = load_params(args.params, args.overrides, args.profile)
-    except ConfigError as e:
-        print(f"[{name}] configuration error: {e}", file=sys.stderr); raise SystemExit(2)
+    except InputError as e: input_error_exit(name, e)
     out, main = stage_dir(name), is_main_process()
     try: check_resume(name, params, out, restart=args.restart, write=main)
     except ResumeMismatch as e:
@@ -336,6 +342,8 @@ def stage_main(name: str, run: Callable[[Params, object], dict], argv: list[str]
             tracker.log_time("wall_s", time.time() - t0)
     except ResumeMismatch as e:
         note("FAILED"); print(f"[{name}] refusing to resume: {e}", file=sys.stderr); raise SystemExit(2)
+    except InputError as e:
+        note("FAILED"); input_error_exit(name, e)
     except KeyboardInterrupt as e:
         note("KILLED"); print(f"[{name}] interrupted ({e or 'Ctrl-C'}); the resume state is kept", file=sys.stderr, flush=True)
         raise SystemExit(143 if isinstance(e, Terminated) else 130)

@@ -14,14 +14,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .audio import check_sample_rate
 from .config import AudioConfig, read_section
-from .core import atomic_write
+from .core import InputError, atomic_write
 from .models.encoder import window_plan
 
 # %% auto #0
-__all__ = ['TOKEN_FORMAT', 'TOKEN_FORMAT_VERSION', 'TOKENIZER_FORMAT', 'ENCODE_CHUNK_S', 'TokenFileError', 'DualTokens',
-           'write_npz', 'token_state_dict', 'TokenEncoder', 'tokenize_split', 'Decoded', 'stream_log_mel', 'DuoTok',
-           'package_encoder', 'encode_mix']
+__all__ = ['TOKEN_FORMAT', 'TOKEN_FORMAT_VERSION', 'MAX_TOKEN_FILE_BYTES', 'TOKENIZER_FORMAT', 'ENCODE_CHUNK_S', 'TokenFileError',
+           'DualTokens', 'write_npz', 'read_token_arrays', 'token_state_dict', 'TokenEncoder', 'tokenize_split',
+           'Decoded', 'stream_log_mel', 'DuoTok', 'package_encoder', 'encode_mix']
 
 # %% ../nbs/42_tokenizer.ipynb #9758fdda
 TOKEN_FORMAT = "duotok-tokens"
@@ -29,7 +30,7 @@ TOKEN_FORMAT_VERSION = 2
 "1: one song `(T,)` or a dense shard `(N, T)`. 2 adds ragged shards (`offsets`), `durations` and `meta` (read by 1 as a newer file)."
 
 
-class TokenFileError(ValueError):
+class TokenFileError(InputError):
     "A token file or token array is malformed; the message names the file and the field."
 
 
@@ -156,7 +157,7 @@ class DualTokens:
             if (not np.issubdtype(o.dtype, np.integer) or o.ndim != 1 or len(o) < 1 or o[0] != 0
                     or o[-1] != self.vocals.shape[0] or (np.diff(o) < 0).any()):
                 raise TokenFileError(f"{where}: 'offsets' must be N + 1 non-decreasing integers from 0 to the stream "
-                                     f"length {self.vocals.shape[0]}, got {o.tolist()[:8]}{' ...' if len(o) > 8 else ''}")
+                                     f"length {self.vocals.shape[0]}, got {o.reshape(-1).tolist()[:8]}{' ...' if o.size > 8 else ''}")
             self.offsets = o.astype(np.int64, copy=False)
         n = len(self) if self.is_shard else None
         for name, x in (("segment", self.segment), ("durations", self.durations), ("meta", self.meta)):
@@ -202,39 +203,20 @@ class DualTokens:
     def load(cls, path: str | os.PathLike) -> "DualTokens":
         "Read and validate a token file written by `save` (one song, a dense or a ragged shard)."
         path = Path(path)
-        if not path.exists():
-            raise TokenFileError(f"{path}: no such token file")
-        try:
-            z = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise TokenFileError(f"{path}: not a readable .npz token file ({type(e).__name__}: {e})") from None
-        with z:
-            missing = [k for k in ("vocals", "acc", "header") if k not in z.files]
-            if missing:
-                raise TokenFileError(f"{path}: missing field(s) {missing}; found {sorted(z.files)}")
-            try:
-                h = json.loads(str(z["header"][()]))
-            except Exception as e:
-                raise TokenFileError(f"{path}: field 'header' is not JSON ({e})") from None
-            if h.get("format") != TOKEN_FORMAT:
-                raise TokenFileError(f"{path}: header format is {h.get('format')!r}, expected {TOKEN_FORMAT!r}")
-            if int(h.get("version", -1)) > TOKEN_FORMAT_VERSION:
-                raise TokenFileError(f"{path}: token format version {h.get('version')} is newer than this "
-                                     f"duotok reads ({TOKEN_FORMAT_VERSION})")
-            for k in ("token_rate", "codebook_sizes"):
-                if k not in h: raise TokenFileError(f"{path}: header lacks '{k}'")
-            seg = [str(s) for s in z["segment"]] if "segment" in z.files else None
-            v, a = z["vocals"], z["acc"]
-            off = z["offsets"] if "offsets" in z.files else None
-            dur = z["durations"] if "durations" in z.files else None
-            try:
-                meta = [json.loads(str(m)) for m in z["meta"]] if "meta" in z.files else None
-            except Exception as e:
-                raise TokenFileError(f"{path}: field 'meta' is not a list of JSON objects ({e})") from None
+        z = read_token_arrays(path)                     # shapes, sizes and dtypes checked before any array is read
+        h = _token_header(z["header"], path)
+        v, a, off, dur = z["vocals"], z["acc"], z.get("offsets"), z.get("durations")
+        seg = [str(s) for s in z["segment"].reshape(-1)] if "segment" in z else None
+        meta = None
+        if "meta" in z:
+            try: meta = [json.loads(str(m)) for m in z["meta"].reshape(-1)]
+            except ValueError as e: raise TokenFileError(f"{path}: field 'meta' is not a list of JSON objects ({e})") from None
+            if not all(isinstance(m, dict) for m in meta):
+                raise TokenFileError(f"{path}: field 'meta' must hold one JSON object per item")
         try:
             return cls(v, a, h["token_rate"], tuple(h["codebook_sizes"]), h.get("model_id", ""), seg, off, dur, meta)
         except TokenFileError as e:
-            raise TokenFileError(str(e).replace("DualTokens", str(path), 1)) from None
+            raise TokenFileError(str(e).replace("DualTokens", str(path), 1) + f"; {_REMAKE}") from None
 
     @classmethod
     def stack(cls, items: Sequence["DualTokens"], segment: Sequence[str] | None = None) -> "DualTokens":
@@ -282,6 +264,113 @@ def write_npz(f, arrays: dict[str, np.ndarray]) -> None:
 
 def _to_numpy(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+
+# %% ../nbs/42_tokenizer.ipynb #1cc62928
+MAX_TOKEN_FILE_BYTES = 8 << 30
+"Largest total of array bytes a token file may declare (8 GiB: some 700 days of audio at 25 Hz, int64)."
+_TOKEN_FIELDS = {"vocals": "biuf", "acc": "biuf", "offsets": "biuf", "durations": "biuf", "header": "U", "segment": "U",
+                 "meta": "U"}
+_REMAKE = "re-create it (duotok encode / duotok tokenize write token files)"
+
+
+def _npy_header(zf, info, path) -> tuple[tuple[int, ...], np.dtype, int]:
+    "(shape, dtype, data offset) of one `.npy` member, from its header alone."
+    fmt = np.lib.format
+    with zf.open(info) as fh:
+        version = fmt.read_magic(fh)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(fh, max_header_size=10000)
+        return tuple(int(n) for n in shape), dtype, fh.tell()
+
+
+def read_token_arrays(path: str | os.PathLike, max_bytes: int = MAX_TOKEN_FILE_BYTES) -> dict[str, np.ndarray]:
+    """The known arrays of the `.npz` token file `path`, after checking, from the zip directory and each
+    member's `.npy` header alone, that every declared shape fits the bytes the member holds, that the total
+    stays under `max_bytes` and at most 100 x the file's size (+16 MiB, for compressed archives), and that
+    dtypes are numbers or strings (never objects). Any damage (not a zip, a truncated member, a bad CRC, a
+    zlib error) raises `TokenFileError` naming the file, the member and what to do: nothing is allocated
+    from a size the file cannot back."""
+    import zipfile, zlib
+    path = Path(path)
+    if not path.exists(): raise TokenFileError(f"{path}: no such token file")
+    if not path.is_file(): raise TokenFileError(f"{path}: not a regular file (a folder, pipe or device); give a .npz token file")
+    size = path.stat().st_size
+    member = None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy") and i.filename[:-4] in _TOKEN_FIELDS}
+            missing = [k for k in ("vocals", "acc", "header") if k not in infos]
+            if missing:
+                raise TokenFileError(f"{path}: missing field(s) {missing}; found {sorted(i.filename for i in zf.infolist())[:20]}; {_REMAKE}")
+            plan, total = {}, 0
+            for name, info in infos.items():
+                member = info.filename
+                shape, dtype, offset = _npy_header(zf, info, path)
+                if dtype.kind not in _TOKEN_FIELDS[name] or dtype.hasobject or dtype.fields is not None:
+                    raise TokenFileError(f"{path}: field '{name}' has dtype {dtype}; expected "
+                                         f"{'numbers' if 'i' in _TOKEN_FIELDS[name] else 'text'}; {_REMAKE}")
+                if dtype.itemsize == 0 or any(n < 0 for n in shape):
+                    raise TokenFileError(f"{path}: field '{name}' declares an impossible array ({shape}, {dtype}); {_REMAKE}")
+                nbytes = math.prod(shape) * dtype.itemsize
+                if offset + nbytes != info.file_size:
+                    raise TokenFileError(f"{path}: field '{name}' declares shape {shape} of {dtype} ({nbytes} bytes) but the "
+                                         f"member holds {info.file_size - offset} bytes: the file is damaged; {_REMAKE}")
+                total += nbytes; plan[name] = info
+            if total > min(max_bytes, 100 * size + (16 << 20)):
+                raise TokenFileError(f"{path}: its arrays declare {total} bytes in a {size}-byte file (limit "
+                                     f"{min(max_bytes, 100 * size + (16 << 20))}): a damaged or hostile archive; {_REMAKE}")
+            out = {}
+            for name, info in plan.items():
+                member = info.filename
+                with zf.open(info) as fh: out[name] = np.lib.format.read_array(fh, allow_pickle=False)
+            return out
+    except TokenFileError: raise
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError, UnicodeDecodeError,
+            OverflowError, KeyError, RuntimeError) as e:
+        where = f" (member {member})" if member else ""
+        raise TokenFileError(f"{path}: not a readable .npz token file{where}: {type(e).__name__}: {e}; {_REMAKE}") from None
+
+
+def _encode_settings(enc: Any, where) -> dict[str, Any]:
+    "A package's `encode` section (`chunk_s`, `context_s` >= 0 s, `batch_windows` >= 1), checked; a `CheckpointError` names `where`."
+    from duotok.checkpoint import CheckpointError
+    if not isinstance(enc, dict): raise CheckpointError(f"{where}: 'encode' must be a mapping, got {enc!r}; re-package the tokenizer")
+    out = {}
+    for k, lo, tp in (("chunk_s", 0, (int, float)), ("context_s", 0, (int, float)), ("batch_windows", 1, int)):
+        if k not in enc: continue
+        v = enc[k]
+        if isinstance(v, bool) or not isinstance(v, tp) or not (math.isfinite(v) and lo <= v <= 1e6):
+            raise CheckpointError(f"{where}: encode.{k} must be a number in [{lo}, 1e6], got {v!r}; re-package the tokenizer")
+        out[k] = v
+    return out
+
+
+def _token_header(raw: np.ndarray, path) -> dict[str, Any]:
+    "The parsed JSON header of a token file; `TokenFileError` for a wrong type or value of any key."
+    if raw.ndim != 0: raise TokenFileError(f"{path}: field 'header' must be one JSON string, got shape {raw.shape}; {_REMAKE}")
+    try: h = json.loads(str(raw[()]))
+    except ValueError as e: raise TokenFileError(f"{path}: field 'header' is not JSON ({e}); {_REMAKE}") from None
+    if not isinstance(h, dict): raise TokenFileError(f"{path}: field 'header' must be a JSON object, got {type(h).__name__}; {_REMAKE}")
+    if h.get("format") != TOKEN_FORMAT:
+        raise TokenFileError(f"{path}: header format is {h.get('format')!r}, expected {TOKEN_FORMAT!r}")
+    v = h.get("version", 1)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise TokenFileError(f"{path}: header 'version' must be an integer >= 1, got {v!r}")
+    if v > TOKEN_FORMAT_VERSION:
+        raise TokenFileError(f"{path}: token format version {v} is newer than this duotok reads ({TOKEN_FORMAT_VERSION}); "
+                             "update duotok")
+    for k in ("token_rate", "codebook_sizes"):
+        if k not in h: raise TokenFileError(f"{path}: header lacks '{k}'; {_REMAKE}")
+    r, K = h["token_rate"], h["codebook_sizes"]
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and 0 < r <= 10000):
+        raise TokenFileError(f"{path}: header 'token_rate' must be a number of tokens per second in (0, 10000], got {r!r}")
+    if not (isinstance(K, list) and len(K) == 2 and all(isinstance(k, int) and not isinstance(k, bool) and 2 <= k <= 2 ** 31 for k in K)):
+        raise TokenFileError(f"{path}: header 'codebook_sizes' must be a list of two integers in [2, 2^31] "
+                             f"(vocals, accompaniment), got {K!r}")
+    if not isinstance(h.get("model_id", ""), str):
+        raise TokenFileError(f"{path}: header 'model_id' must be a string, got {h['model_id']!r}")
+    return h
+
 
 # %% ../nbs/42_tokenizer.ipynb #4c560fc0
 _LOWER_PREFIXES = ("encoder.mel_mean", "encoder.mel_std", "encoder.subsampler.", "encoder.lower_blocks.",
@@ -331,15 +420,16 @@ class TokenEncoder(nn.Module):
         from duotok.checkpoint import load_checkpoint
         from duotok.models.encoder import encoder_from_config
         from duotok.quantize import quantizer_from_config
+        from duotok.checkpoint import CheckpointError, build_checked, checkpoint_errors
         sd, cfg = load_checkpoint(dir, name, device=device)
         where = f"{dir}/{name}.json"
-        te = cls(encoder_from_config(cfg, where), quantizer_from_config(cfg, where), cfg)
         sd = token_state_dict(sd)
+        te = build_checked(lambda: cls(encoder_from_config(cfg, where), quantizer_from_config(cfg, where), cfg), sd, where)
         need = token_state_dict(te.state_dict())
         missing = sorted(set(need) - set(sd))
         if missing:
-            raise ValueError(f"{dir}/{name}.safetensors lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        te.load_state_dict(sd, strict=False)
+            raise CheckpointError(f"{dir}/{name}.safetensors lacks {len(missing)} tensors, e.g. {missing[:3]}; re-package the tokenizer")
+        with checkpoint_errors(f"{dir}/{name}.safetensors"): te.load_state_dict(sd, strict=False)
         return te.to(device)
 
     def save(self, dir: str | os.PathLike, name: str = "model") -> Path:
@@ -488,8 +578,7 @@ class DuoTok:
             raise FileNotFoundError(f"{dir}: not a packaged duotok tokenizer (no encoder/ folder); "
                                     "build one with duotok.tokenizer.package_encoder")
         te = TokenEncoder.from_checkpoint(dir / "encoder", device=device)
-        enc_cfg = te.config.get("encode", {})
-        kw = {**{k: enc_cfg[k] for k in ("chunk_s", "context_s", "batch_windows") if k in enc_cfg}, **kw}
+        kw = {**_encode_settings(te.config.get("encode", {}), dir / "encoder" / "model.json"), **kw}
         return cls(te, dir / "decoder", device=device, **kw)
 
     # -- facts -------------------------------------------------------------------------------------
@@ -550,7 +639,7 @@ class DuoTok:
     def encode(self, vocals, accompaniment, sr: int, progress: bool = False) -> DualTokens:
         """Two stems (arrays (L,) or (channels, L), any length, sample rate `sr`) -> `DualTokens` with
         T = ceil(L / (sr / token_rate)) tokens per track. The stems must have the same length (+-1 token)."""
-        if int(sr) <= 0: raise ValueError(f"DuoTok.encode: sample rate must be > 0, got {sr}")
+        sr = check_sample_rate(sr, "DuoTok.encode")
         mv, ma = self.mel(vocals, sr, "vocals"), self.mel(accompaniment, sr, "accompaniment")
         if abs(mv.shape[-1] - ma.shape[-1]) > self.encoder.downsample:
             raise ValueError(f"DuoTok.encode: stems differ in length ({mv.shape[-1] / 100:.2f} s vs "
@@ -572,8 +661,11 @@ class DuoTok:
         return self._decoder
 
     def check_tokens(self, tokens: DualTokens) -> DualTokens:
-        "Raise `TokenFileError` if `tokens` do not belong to this tokenizer (codebooks, rate)."
+        "Raise `TokenFileError` if `tokens` do not belong to this tokenizer (codebooks, rate) or hold no token."
         tokens.validate()
+        if tokens.n_tokens == 0:
+            raise TokenFileError("DuoTok.decode: the tokens hold 0 tokens per track (T = 0): there is no audio to decode; "
+                                 "encode a song of at least one token (1 / token_rate s)")
         if tuple(tokens.codebook_sizes) != tuple(self.codebook_sizes) or tokens.token_rate != self.token_rate:
             raise TokenFileError(f"tokens were made with codebooks {tokens.codebook_sizes} at {tokens.token_rate} Hz "
                                  f"(model {tokens.model_id!r}); this tokenizer has {self.codebook_sizes} at "
@@ -641,7 +733,7 @@ def encode_mix(self, mix, sr: int, separator=None, progress: bool = False) -> Du
         raise ValueError("DuoTok.encode_mix: no separator: the package has no separator/ folder (the stage-2 "
                          "separation head; re-package with python -m duotok.package) and none was given "
                          "(separator=, or --separator module:function)")
-    if int(sr) <= 0: raise ValueError(f"DuoTok.encode_mix: sample rate must be > 0, got {sr}")
+    sr = check_sample_rate(sr, "DuoTok.encode_mix")
     v, a, sr_out = sep(mix, int(sr))
     return self.encode(v, a, int(sr_out), progress)
 

@@ -545,11 +545,18 @@ class PretrainedOobleck(nn.Module):
         super().__init__()
         from diffusers import AutoencoderOobleck
         path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"vae.pretrained={path}: not a diffusers model directory (no config.json); "
-                                    "point it at a folder saved with AutoencoderOobleck.save_pretrained, "
-                                    "e.g. stable-audio-open-1.0/vae")
-        self.ae = AutoencoderOobleck.from_pretrained(str(path))
+        from duotok.checkpoint import CheckpointError
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"vae.pretrained={path}: not a diffusers model directory (no config.json); "
+                                  "point it at a folder saved with AutoencoderOobleck.save_pretrained, "
+                                  "e.g. stable-audio-open-1.0/vae")
+        if not any(path.glob("*.safetensors")):
+            found = sorted(p.name for p in path.iterdir())[:8]
+            raise CheckpointError(f"vae.pretrained={path}: no .safetensors weights (found {found}); duotok loads "
+                                  "pretrained weights as safetensors only, never a pickled .bin / .pt: save the model "
+                                  "with save_pretrained(..., safe_serialization=True)")
+        # safetensors only: diffusers must not fall back to a pickled diffusion_pytorch_model.bin in the folder
+        self.ae = AutoencoderOobleck.from_pretrained(str(path), use_safetensors=True)
         cfg = self.ae.config
         self.path, self.sample_rate, self._latent_rate = str(path), sample_rate, latent_rate
         self.native_rate = int(cfg.sampling_rate)
@@ -619,7 +626,7 @@ def load_vae(ckpt_dir: str | Path, name: str = "vae") -> DuoVAE | STFTVAE | Pret
     """Load the VAE written by the `vae` stage (`ckpt_dir/{name}.safetensors` + `.json`), frozen
     (`eval()`, no grad). A pretrained VAE is rebuilt from its own directory (the checkpoint then holds
     only the config); a relative `pretrained` path is relative to `ckpt_dir` (packaged tokenizers)."""
-    from duotok.checkpoint import load_checkpoint
+    from duotok.checkpoint import build_checked, checkpoint_errors, load_checkpoint
     from duotok.core import freeze
     state, ck = load_checkpoint(ckpt_dir, name=name)
     where = f"{ckpt_dir}/{name}.json"
@@ -627,9 +634,11 @@ def load_vae(ckpt_dir: str | Path, name: str = "vae") -> DuoVAE | STFTVAE | Pret
     cfg, audio = read_section(ck, "vae", where), read_section(ck, "audio", where)
     if cfg.pretrained and not Path(cfg.pretrained).is_absolute():
         cfg = dataclasses.replace(cfg, pretrained=str(Path(ckpt_dir) / cfg.pretrained))  # packaged copy beside it
-    vae = build_vae(cfg, audio)
-    if not cfg.pretrained:
-        vae.load_state_dict(state)
+    if cfg.pretrained:
+        with checkpoint_errors(where): vae = build_vae(cfg, audio)
+    else:
+        vae = build_checked(lambda: build_vae(cfg, audio), state, where)
+        with checkpoint_errors(f"{ckpt_dir}/{name}.safetensors"): vae.load_state_dict(state)
     return freeze(vae)
 
 # %% ../nbs/50_vae.ipynb #4cf65957

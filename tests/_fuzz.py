@@ -13,7 +13,9 @@ The outcome of a case is `accepted` (returned, and `check` passed), `rejected` (
 `duotok.core.InputError` with a message) or a failure: `error` (any other exception, or a failed check),
 `hang`, `memory`, `modified` (the input changed), `crash` (the worker died).
 
-Adding a target (phase 2: token files, packages, config): write `make(rng, case_dir)`, `run(case_dir)`
+Targets: mutated WAV/FLAC (audio loader), song.json / lyrics, defect-zoo corpora, token files (`DualTokens.load`),
+packaged tokenizers (`DuoTok.from_pretrained` + decoder + a short encode), params.yaml (`load_params`).
+Adding a target: write `make(rng, case_dir)`, `run(case_dir)`
 and `check(case_dir, result)` and register them with `@target("name", cases=N)`. Replay one case with
 `python tests/_fuzz.py --replay NAME:CASE [--seed S]` (prints the traceback in-process)."""
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any, Callable
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 CASE_TIMEOUT_S = 10.0
 MEM_GUARD_MB = int(os.environ.get("DUOTOK_FUZZ_MEM_MB", "1024"))
 FAILURES = ("error", "hang", "memory", "modified", "crash")
@@ -332,6 +335,198 @@ for _n, _r, _c in (("song_json", run_song, check_song), ("corpus", run_corpus, c
     TARGETS[_n].run, TARGETS[_n].check = _r, _c
 
 
+# ------------------------------------------------------------------------------------ token files (.npz)
+def _weird_array(rng: np.random.Generator, like: np.ndarray) -> np.ndarray:
+    "An array that breaks one rule of a token field: dtype, shape, range or size."
+    n = max(1, like.size)
+    choices = [lambda: like.astype(np.float32) + 0.5, lambda: -like - 1, lambda: like + 10 ** 6,
+               lambda: np.array(list("abc")), lambda: like.reshape(1, 1, -1), lambda: np.zeros(0, np.int64),
+               lambda: like.astype(np.uint8), lambda: like.astype(bool), lambda: np.array(7),
+               lambda: np.full(n, 2 ** 62, np.int64), lambda: like[: n // 2], lambda: np.array([[1, 2], [3, 4]]),
+               lambda: np.array([0, 5, 3]), lambda: np.array([json.dumps([1])]), lambda: np.array(["{"])]
+    pick = choices[int(rng.integers(len(choices)))]
+    try: return pick()
+    except (ValueError, TypeError): return np.arange(n) * 3              # text fields: numbers instead
+
+
+def _npy_shape_bomb(arr_bytes: bytes, rng: np.random.Generator) -> bytes:
+    "The `.npy` bytes of a member with its header's shape replaced by a huge or negative one (the data unchanged)."
+    import io
+    hdr_len = arr_bytes.index(b"\n") + 1
+    shape = [(10 ** 10,), (2 ** 40, 2), (-1,), (0,), (3, 2 ** 31), (10 ** 6,)][int(rng.integers(6))]
+    descr = str(rng.choice(["<i8", "<i4", "<f8", "|O", "<U0", "<U100000", "V8"]))
+    b = io.BytesIO()
+    try: np.lib.format.write_array_header_1_0(b, {"descr": descr, "fortran_order": False, "shape": shape})
+    except Exception: return arr_bytes                   # numpy refuses to write this header; keep the member
+    return b.getvalue() + arr_bytes[hdr_len:]
+
+
+@target("token_file", cases=200)
+def make_token_file(rng, d):
+    "A valid song / dense / ragged token file, then mutated: its bytes, one field, the header, or a member's shape."
+    import io, zipfile
+    from duotok.tokenizer import DualTokens, write_npz
+    K = (int(rng.choice([2, 16, 512])), int(rng.choice([2, 64, 512])))
+    T = int(rng.integers(0, 40))
+    ids = lambda k, *shape: rng.integers(0, k, shape)
+    kind = int(rng.integers(3))
+    if kind == 0: t = DualTokens(ids(K[0], T), ids(K[1], T), 25, K, "fz")
+    elif kind == 1:
+        n = int(rng.integers(1, 4))
+        t = DualTokens(ids(K[0], n, T), ids(K[1], n, T), 25, K, "fz", [f"s{i}" for i in range(n)])
+    else:
+        lens = rng.integers(0, 20, int(rng.integers(0, 4)))
+        items = [DualTokens(ids(K[0], m), ids(K[1], m), 25, K, "fz") for m in lens]
+        t = DualTokens.ragged(items, [f"s{i}" for i in range(len(items))], [m / 25 for m in lens],
+                              [{"src": "x"}] * len(items), 25, K, "fz")
+    arrays = t.arrays()
+    op = int(rng.integers(6))
+    if op == 1:                                                            # one field replaced or removed
+        k = str(rng.choice(sorted(arrays)))
+        if rng.random() < 0.2: arrays.pop(k)
+        else: arrays[k] = _weird_array(rng, arrays[k]) if k != "header" else np.array(str(rng.choice(["[1, 2]", "{", "7", "null"])))
+    elif op == 2:                                                          # header values
+        h = mutate_json(t.header(), rng)
+        if rng.random() < 0.3 and isinstance(h, dict): h["codebook_sizes"] = int(rng.choice([256, 0, -1]))
+        arrays["header"] = np.array(json.dumps(h))
+    b = io.BytesIO()
+    if op == 3:                                                            # a member's .npy header declares another shape
+        with zipfile.ZipFile(b, "w", zipfile.ZIP_STORED) as z:
+            bomb = str(rng.choice(sorted(arrays)))
+            for k, a in arrays.items():
+                m = io.BytesIO(); np.lib.format.write_array(m, np.asanyarray(a), allow_pickle=False)
+                z.writestr(f"{k}.npy", _npy_shape_bomb(m.getvalue(), rng) if k == bomb else m.getvalue())
+    elif op == 4:                                                          # compressed archive (zlib paths)
+        np.savez_compressed(b, **arrays)
+    else:
+        write_npz(b, arrays)
+    data = b.getvalue()
+    if op in (0, 4, 5) or rng.random() < 0.2: data = mutate_bytes(data, rng)
+    (d / "t.npz").write_bytes(data)
+
+
+def run_token_file(d: Path):
+    from duotok.tokenizer import DualTokens
+    return DualTokens.load(d / "t.npz")
+
+
+def check_token_file(d: Path, t) -> str:
+    from duotok.tokenizer import DualTokens
+    assert isinstance(t, DualTokens) and t.vocals.dtype == t.accompaniment.dtype == np.int64
+    for a, k in ((t.vocals, t.codebook_sizes[0]), (t.accompaniment, t.codebook_sizes[1])):
+        assert a.shape == t.vocals.shape and (a.size == 0 or (a.min() >= 0 and a.max() < k))
+    assert math.isfinite(t.token_rate) and t.token_rate > 0 and min(t.codebook_sizes) >= 2
+    if t.is_ragged: assert t.offsets[0] == 0 and t.offsets[-1] == t.n_tokens and (np.diff(t.offsets) >= 0).all()
+    assert [x.n_tokens for x in t] == t.lengths.tolist()
+    repr(t); json.dumps(t.header())
+    return "loaded"
+
+
+# -------------------------------------------------------------------------------------- packaged tokenizer
+_PACKAGE: list[Path] = []
+
+
+def _toy_package() -> Path:
+    "One packaged tokenizer of random weights per worker (tests/_toy_package.py), copied into each case."
+    if not _PACKAGE:
+        sys.path.insert(0, str(HERE))
+        from _toy_package import full_toy_package
+        _PACKAGE.append(full_toy_package(Path(tempfile.mkdtemp(prefix="duotok-fuzz-pkg-"))))
+    return _PACKAGE[0]
+
+
+PACKAGE_FILES = ("encoder/model.safetensors", "encoder/model.json", "decoder/denoiser.safetensors", "decoder/denoiser.json",
+                 "decoder/vae.safetensors", "decoder/vae.json")
+
+
+@target("package", cases=60)
+def make_package(rng, d):
+    """The toy package with one file damaged: bytes, truncated, a pickle, missing, a config value, token_rate 0 and
+    the like; one case in eight is left intact (the control: it must load)."""
+    import pickle
+    shutil.copytree(_toy_package(), d / "pkg")
+    p = d / "pkg" / str(rng.choice(PACKAGE_FILES))
+    op = int(rng.integers(7)) if rng.random() >= 0.125 else -1
+    if op == -1: pass
+    elif op == 0: p.write_bytes(mutate_bytes(p.read_bytes(), rng))
+    elif op == 1: p.write_bytes(p.read_bytes()[: int(rng.integers(0, p.stat().st_size))])
+    elif op == 2: p.write_bytes(pickle.dumps({"weight": [1.0, 2.0]}))
+    elif op == 3: p.unlink()
+    else:
+        p = p.with_suffix(".json")
+        cfg = json.loads(p.read_text())
+        if op in (4, 6): cfg = mutate_json(cfg, rng)
+        elif isinstance(cfg.get("config", {}).get("audio"), dict):
+            key = str(rng.choice(["token_rate", "sample_rate", "codebook_size", "hop_length", "n_mels", "vae_hop"]))
+            cfg["config"]["audio"][key] = [0, -1, 1, 3.5, 10 ** 7][int(rng.integers(5))]
+        p.write_bytes(dump_json(cfg, rng))
+
+
+def run_package(d: Path):
+    from duotok.tokenizer import DuoTok
+    tok = DuoTok.from_pretrained(d / "pkg")
+    dec = tok.decoder                                                       # loads decoder/ (denoiser + VAE)
+    x = np.zeros(4800, np.float32)
+    return tok, dec, tok.encode(x, x, 24000)
+
+
+def check_package(d: Path, res) -> str:
+    tok, dec, t = res
+    assert tok.token_rate > 0 and min(tok.codebook_sizes) >= 2 and t.n_tokens >= 1
+    assert t.vocals.max() < tok.codebook_sizes[0] and t.accompaniment.max() < tok.codebook_sizes[1]
+    return "loaded"
+
+
+# ------------------------------------------------------------------------------------------- params.yaml
+_PARAMS: list[dict] = []
+
+
+@target("config", cases=100)
+def make_config(rng, d):
+    "params.yaml with 1-3 structural mutations (sometimes byte-mutated), or a range override of one number."
+    import yaml
+    from duotok.config import load_params_dict
+    if not _PARAMS: _PARAMS.append(load_params_dict(ROOT / "params.yaml"))
+    raw = json.loads(json.dumps(_PARAMS[0]))
+    if rng.random() < 0.4:                                                 # one number set to an edge value
+        nums = [k for k, v in _numbers(raw)]
+        key = nums[int(rng.integers(len(nums)))]
+        (d / "override.txt").write_text(f"{key}={rng.choice(['0', '-1', '1.5', '-4', '.nan', '.inf', '1e400', '0.999', '100000000'])}")
+        (d / "params.yaml").write_text(yaml.safe_dump(raw))
+        return
+    text = yaml.safe_dump(mutate_json(raw, rng), allow_unicode=bool(rng.random() < 0.5))
+    b = text.encode()
+    if rng.random() < 0.2: b = mutate_bytes(b, rng)
+    elif rng.random() < 0.03: b = b"[" * 50000 + b"]" * 50000
+    (d / "params.yaml").write_bytes(b)
+
+
+def _numbers(d, key=""):
+    if isinstance(d, dict):
+        for k, v in d.items(): yield from _numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(d, (list, tuple)):
+        for i, v in enumerate(d): yield from _numbers(v, f"{key}[{i}]")
+    elif isinstance(d, (int, float)) and not isinstance(d, bool): yield key, d
+
+
+def run_config(d: Path):
+    from duotok.config import load_params
+    o = d / "override.txt"
+    return load_params(d / "params.yaml", [o.read_text()] if o.exists() else [])
+
+
+def check_config(d: Path, p) -> str:
+    from duotok.config import Params, numeric_rule, to_dict
+    assert isinstance(p, Params)
+    for key, v in _numbers(to_dict(p)): assert v in numeric_rule(key), (key, v)
+    return "loaded"
+
+
+for _n, _r, _c in (("token_file", run_token_file, check_token_file), ("package", run_package, check_package),
+                   ("config", run_config, check_config)):
+    TARGETS[_n].run, TARGETS[_n].check = _r, _c
+
+
 # Self-test targets: prove that the guards catch a hang and an oversized allocation (not run by default).
 @target("_selftest_hang", cases=1)
 def _make_nothing(rng, d): pass
@@ -395,7 +590,8 @@ def run_case(name: str, case: int, seed: int, work: Path, timeout: float) -> dic
 
 def worker_main() -> None:
     "Read `{target, case, seed, timeout}` lines on stdin, answer one JSON line each on stdout."
-    import duotok.audio, duotok.corpus, duotok.render  # noqa: F401  (imports before the memory cap)
+    import duotok.audio, duotok.corpus, duotok.render, duotok.config, duotok.checkpoint  # noqa: F401  (imports before the memory cap)
+    import duotok.tokenizer, duotok.diffusion, duotok.vae, duotok.separate, yaml  # noqa: F401
     import mido, soxr  # noqa: F401
     duotok.audio.resample(np.zeros(100, np.float32), 44101, 48000)
     cap = _vm_bytes() + MEM_GUARD_MB * 2 ** 20

@@ -300,3 +300,207 @@ def test_a_corpus_without_train_songs_stops_in_preprocess(tmp_path):
                             "{'test': 3}; pinned in song.json: {'test': 3}): ssl and finetune need train and val segments; "
                             "remove \"split\" from some song.json files or add songs")
     assert isinstance(e.value, InputError) and not (tmp_path / "pre").exists() and tree_hash(tmp_path / "songs") == before
+
+
+# == phase 2: token files, packages, config ranges, stage errors ======================================
+REMAKE = "re-create it (duotok encode / duotok tokenize write token files)"
+
+
+def _token_files(d: Path) -> dict[str, tuple[bytes, str]]:
+    "name -> (file bytes, the message `DualTokens.load` must give after '<path>: ')."
+    import io, zipfile, zlib
+    from duotok.tokenizer import DualTokens, write_npz
+    t = DualTokens(np.arange(20) % 16, np.arange(20) % 16, 25, (16, 16), "m")
+    arrays = t.arrays()
+    def npz(**over) -> bytes:
+        b = io.BytesIO(); write_npz(b, {**arrays, **over}); return b.getvalue()
+    good = npz()
+    i = good.index(b"vocals.npy") + 120
+    hdr = io.BytesIO(); np.lib.format.write_array_header_1_0(hdr, {"descr": "<i8", "fortran_order": False, "shape": (10 ** 10,)})
+    huge = io.BytesIO()
+    with zipfile.ZipFile(huge, "w") as z:
+        for k, a in arrays.items():
+            m = io.BytesIO(); np.save(m, a); z.writestr(f"{k}.npy", hdr.getvalue() + b"\0" * 160 if k == "vocals" else m.getvalue())
+    bomb = io.BytesIO()                  # 400 MB of zero ids, deflated to < 1 MB
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        for k, a in arrays.items():
+            if k != "vocals": z.writestr(f"{k}.npy", (lambda m: (np.save(m, a), m.getvalue())[1])(io.BytesIO())); continue
+            h = io.BytesIO(); np.lib.format.write_array_header_1_0(h, {"descr": "<i8", "fortran_order": False, "shape": (50_000_000,)})
+            with z.open("vocals.npy", "w", force_zip64=True) as f:
+                f.write(h.getvalue())
+                for _ in range(40): f.write(bytes(10_000_000))
+    h = t.header()
+    cases = {
+        "truncated": (good[: len(good) // 2], f"not a readable .npz token file: BadZipFile: File is not a zip file; {REMAKE}"),
+        "empty": (b"", f"not a readable .npz token file: BadZipFile: File is not a zip file; {REMAKE}"),
+        "bad_crc": (good[:i] + bytes([good[i] ^ 1]) + good[i + 1:],
+                    f"not a readable .npz token file (member vocals.npy): BadZipFile: Bad CRC-32 for file 'vocals.npy'; {REMAKE}"),
+        "header_list": (npz(header=np.array("[1, 2]")), f"field 'header' must be a JSON object, got list; {REMAKE}"),
+        "header_not_json": (npz(header=np.array("{oops")), "field 'header' is not JSON (Expecting property name enclosed in "
+                            f"double quotes: line 1 column 2 (char 1)); {REMAKE}"),
+        "codebook_scalar": (npz(header=np.array(json.dumps({**h, "codebook_sizes": 256}))),
+                            "header 'codebook_sizes' must be a list of two integers in [2, 2^31] (vocals, accompaniment), got 256"),
+        "token_rate_zero": (npz(header=np.array(json.dumps({**h, "token_rate": 0}))),
+                            "header 'token_rate' must be a number of tokens per second in (0, 10000], got 0"),
+        "float_ids": (npz(vocals=arrays["vocals"] + 0.5), f"'vocals' must hold integer ids, got dtype float64; {REMAKE}"),
+        "text_ids": (npz(acc=np.array(list("abc"))), f"field 'acc' has dtype <U1; expected numbers; {REMAKE}"),
+        "negative_ids": (npz(vocals=-arrays["vocals"] - 1),
+                         f"'vocals' ids must be in [0, 16); 20 are not (first at flat index 0: -1); {REMAKE}"),
+        "ids_too_big": (npz(acc=arrays["acc"] + 16), f"'acc' ids must be in [0, 16); 20 are not (first at flat index 0: 16); {REMAKE}"),
+        "bad_offsets": (npz(offsets=np.array([0, 30, 20]), segment=np.array(["a", "b"]), header=np.array(json.dumps({**h, "version": 2}))),
+                        "'offsets' must be N + 1 non-decreasing integers from 0 to the stream length 20, got [0, 30, 20]; " + REMAKE),
+        "huge_shape": (huge.getvalue(), "field 'vocals' declares shape (10000000000,) of int64 (80000000000 bytes) but the "
+                       f"member holds 160 bytes: the file is damaged; {REMAKE}"),
+        "zip_bomb": (bomb.getvalue(), "its arrays declare 400000" ),
+    }
+    for name, (data, _) in cases.items(): (d / f"{name}.npz").write_bytes(data)
+    return cases
+
+
+def test_damaged_token_files_give_one_message_and_allocate_nothing(tmp_path, capsys):
+    """Each damaged token file gives `TokenFileError` '<file>: <problem>; <what to do>' from `DualTokens.load`, and
+    `duotok info` prints it as one line with exit status 2. The 74.5 GiB shape and the 400 MB zip bomb are refused
+    from their headers under an address-space cap of 256 MiB above the loaded interpreter."""
+    from duotok.cli import main
+    from duotok.tokenizer import DualTokens, TokenFileError
+    cases = _token_files(tmp_path)
+    before = tree_hash(tmp_path)
+    for name, (data, msg) in cases.items():
+        p = tmp_path / f"{name}.npz"
+        with pytest.raises(TokenFileError) as e: DualTokens.load(p)
+        assert str(e.value).startswith(f"{p}: {msg}"), (name, str(e.value))
+        assert isinstance(e.value, InputError) and len(data) < 1 << 20 and p.read_bytes() == data
+        assert main(["info", str(p)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"duotok info: error: {e.value}"]
+    code = textwrap.dedent(f"""
+        import resource
+        from duotok.tokenizer import DualTokens, TokenFileError
+        vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
+        for n in ("huge_shape", "zip_bomb"):
+            try: DualTokens.load("{tmp_path}/%s.npz" % n); raise SystemExit(n + " accepted")
+            except TokenFileError as e: print("refused", n)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0 and r.stdout.split() == ["refused", "huge_shape", "refused", "zip_bomb"], r.stderr[-2000:]
+    assert tree_hash(tmp_path) == before
+
+
+def test_info_reads_the_pipelines_own_token_files(tmp_path, capsys):
+    "`duotok info outputs/pre_encode/tokens_val.npz` (issue 19 said it refused them) describes the shard."
+    from duotok.cli import main
+    from duotok.diffusion import write_pre_encoded
+    from duotok.tokenizer import DualTokens
+    t = DualTokens(np.arange(24).reshape(3, 8) % 32, np.arange(24).reshape(3, 8) % 32, 25, (32, 32), "toy", ["a/0", "a/1", "b/0"])
+    out = tmp_path / "outputs" / "pre_encode"; out.mkdir(parents=True)
+    write_pre_encoded(out, "val", t, np.zeros((3, 2, 4, 16), np.float32))
+    assert main(["info", str(out / "tokens_val.npz")]) == 0
+    assert capsys.readouterr().out.startswith("DualTokens(shard of 3 x 8, 0.32 s at 25 Hz, K=(32, 32)")
+
+
+def test_decoding_zero_tokens_and_odd_api_rates_are_refused(tmp_path, toy_package, capsys):
+    from duotok.audio import AudioError
+    from duotok.cli import main
+    from duotok.tokenizer import DualTokens, DuoTok, TokenFileError
+    empty = DualTokens(np.zeros(0, np.int64), np.zeros(0, np.int64), 25, (64, 64)).save(tmp_path / "in" / "empty.npz")
+    before = tree_hash(tmp_path / "in")
+    tok = DuoTok.from_pretrained(toy_package)
+    with pytest.raises(TokenFileError, match=r"DuoTok.decode: the tokens hold 0 tokens per track \(T = 0\): there is no "
+                       r"audio to decode; encode a song of at least one token"):
+        tok.decode(empty)
+    assert main(["decode", "--model", str(toy_package), str(empty), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert "0 tokens per track (T = 0)" in capsys.readouterr().err
+    x = np.zeros(4800, np.float32)
+    for sr in (1, 1_000_000, 44100.5, "48k"):
+        with pytest.raises(AudioError) as e: tok.encode(x, x, sr)
+        assert str(e.value) == (f"DuoTok.encode: sample rate {sr} Hz is outside 8000-384000 Hz (a damaged header?); "
+                                "re-export the file at a standard rate such as 44100 or 48000 Hz")
+    with pytest.raises(AudioError, match="DuoTok.encode_mix: sample rate 0 Hz"): tok.encode_mix(x, 0, separator=lambda m, r: (m, m, r))
+    assert tok.encode(x, x, 24000.0).n_tokens == 5
+    assert tree_hash(tmp_path / "in") == before
+
+
+@pytest.mark.parametrize("damage, msg", [
+    ("truncate", "encoder/model.safetensors: not a readable safetensors file (SafetensorError: Error while deserializing header"),
+    ("pickle", "encoder/model.safetensors: a pickled PyTorch file, not safetensors; duotok never loads pickles: re-run the "
+               "stage that writes it, or re-package the tokenizer (python -m duotok.package)"),
+    ("missing", "checkpoint file missing: {pkg}/encoder/model.json (did the stage that writes it run?)"),
+    ("token_rate", "encoder/model.json: audio.token_rate: 0 is not >= 1"),
+    ("hop", "encoder/model.json: audio.hop_length: -240 is not >= 1"),
+    ("json_list", 'encoder/model.json: expected a JSON object {"config": {...}}, got [1, 2]'),
+    ("huge_width", "encoder/model.json: the config's shapes differ from the weights (encoder.lower_blocks.0.ffn.0.bias: "
+                   "(16384,) vs (128,) in the weights"),
+    ("huge_layers", "encoder/model.json: encoder.layers: 100000 is not in [1, 256]"),
+])
+def test_damaged_packages_name_the_file_and_the_field(tmp_path, toy_package, capsys, damage, msg):
+    import pickle, shutil
+    from duotok.checkpoint import CheckpointError
+    from duotok.cli import main
+    from duotok.config import ConfigError
+    from duotok.tokenizer import DuoTok
+    pkg = tmp_path / "pkg"; shutil.copytree(toy_package, pkg)
+    w, c = pkg / "encoder" / "model.safetensors", pkg / "encoder" / "model.json"
+    cfg = json.loads(c.read_text())
+    if damage == "truncate": w.write_bytes(w.read_bytes()[:100])
+    elif damage == "pickle": w.write_bytes(pickle.dumps({"w": [1.0]}))
+    elif damage == "missing": c.unlink()
+    elif damage == "json_list": c.write_text("[1, 2]")
+    else:
+        if damage == "token_rate": cfg["config"]["audio"]["token_rate"] = 0
+        elif damage == "hop": cfg["config"]["audio"]["hop_length"] = -240
+        elif damage == "huge_width": cfg["config"]["encoder"]["width"] = 4096; cfg["config"]["encoder"]["heads"] = 64
+        else: cfg["config"]["encoder"]["layers"] = 100000
+        c.write_text(json.dumps(cfg))
+    before = tree_hash(tmp_path)
+    with pytest.raises(InputError) as e: DuoTok.from_pretrained(pkg)    # CheckpointError, or ConfigError for a value
+    want = msg.format(pkg=pkg) if damage == "missing" else f"{pkg}/{msg}"
+    assert str(e.value).startswith(want), str(e.value)
+    assert isinstance(e.value, CheckpointError if damage not in ("token_rate", "hop", "huge_layers") else ConfigError)
+    assert main(["info", str(pkg)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"duotok info: error: {e.value}"]
+    assert tree_hash(tmp_path) == before
+
+
+def test_pretrained_vae_folder_must_hold_safetensors(tmp_path):
+    from duotok.checkpoint import CheckpointError
+    from duotok.vae import PretrainedOobleck
+    d = tmp_path / "vae"; d.mkdir()
+    with pytest.raises(CheckpointError, match=r"vae.pretrained=.*/vae: not a diffusers model directory \(no config.json\)"):
+        PretrainedOobleck(d)
+    (d / "config.json").write_text("{}"); (d / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    before = tree_hash(tmp_path)
+    with pytest.raises(CheckpointError) as e: PretrainedOobleck(d)
+    assert str(e.value) == (f"vae.pretrained={d}: no .safetensors weights (found ['config.json', 'diffusion_pytorch_model.bin']); "
+                            "duotok loads pretrained weights as safetensors only, never a pickled .bin / .pt: save the model "
+                            "with save_pretrained(..., safe_serialization=True)")
+    assert tree_hash(tmp_path) == before
+
+
+def test_config_values_out_of_range_are_refused_with_the_dotted_key(tmp_path):
+    from duotok.config import ConfigError, load_params
+    for prof in (None, ROOT / "params/toy.yaml", ROOT / "params/paper.yaml"):
+        load_params(ROOT / "params.yaml", profile=prof)                       # the shipped files load
+    for bad, msg in [("preprocess.segment_s=-4", "preprocess.segment_s: -4.0 is not > 0"),
+                     ("preprocess.val_fraction=1.5", "preprocess.val_fraction: 1.5 is not in [0, 1)"),
+                     ("ssl.train.batch_size=0", "ssl.train.batch_size: 0 is not >= 1"),
+                     ("codebook.train.steps=-1", "codebook.train.steps: -1 is not >= 0"),
+                     ("audio.sample_rate=1", "audio.sample_rate: 1 is not in [8000, 384000]"),
+                     ("data.augment.eq_p=2", "data.augment.eq_p: 2.0 is not in [0, 1]"),
+                     ("generate.top_p=0", "generate.top_p: 0.0 is not in (0, 1]"),
+                     ("decoder.train.lr=.inf", "decoder.train.lr: inf is not > 0")]:
+        with pytest.raises(ConfigError) as e: load_params(ROOT / "params.yaml", [bad])
+        assert str(e.value) == msg and isinstance(e.value, InputError)
+    (tmp_path / "p.yaml").write_text("audio: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: not a readable YAML file \(ParserError"): load_params(tmp_path / "p.yaml")
+    with pytest.raises(ConfigError, match="profile file not found: nowhere.yaml"): load_params(ROOT / "params.yaml", profile="nowhere.yaml")
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "ssl"])
+def test_every_stage_prints_bad_input_as_one_line_with_exit_2(tmp_path, stage):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    before = tree_hash(tmp_path)
+    r = subprocess.run([sys.executable, "-m", f"duotok.stages.{stage}", "--no-track", "--set", "preprocess.val_fraction=1.5"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"[{stage}] error: preprocess.val_fraction: 1.5 is not in [0, 1)"]
+    assert tree_hash(tmp_path) == before

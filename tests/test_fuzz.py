@@ -1,5 +1,7 @@
 """Fuzz suite: mutated WAV/FLAC files through the audio loader, mutated song.json / lyrics through
-`read_song`, defect-zoo song trees through `validate_corpus` (harness and targets: tests/_fuzz.py).
+`read_song`, defect-zoo song trees through `validate_corpus`, mutated token files through `DualTokens.load`,
+damaged packaged tokenizers through `DuoTok.from_pretrained` (+ decoder, + a short encode), mutated params.yaml
+through `load_params` (harness and targets: tests/_fuzz.py).
 
 Every case must end `accepted` (with a valid result) or `rejected` (a `duotok.core.InputError` with a
 message), within 10 s, without an allocation beyond 1 GiB, and leave its input byte-identical.
@@ -17,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fuzz import FAILURES, TARGETS, Runner, n_cases  # noqa: E402
 
 SEED = int(os.environ.get("DUOTOK_FUZZ_SEED", "0"))
-REJECTION_NAMES = {"audio_wav": "/a.wav", "audio_flac": "/a.flac"}      # a rejection names the file
+REJECTION_NAMES = {"audio_wav": "/a.wav", "audio_flac": "/a.flac", "token_file": "/t.npz",   # a rejection names the file
+                   "package": "/pkg/"}
 
 
 @pytest.fixture(scope="module")

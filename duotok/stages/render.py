@@ -3,11 +3,9 @@
 # %% ../../nbs/14_stage_render.ipynb #fdbdf1fd
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ..config import Params
-from ..core import InputError
 from ..render import render_corpus
 from ..stage import is_main, stage_main
 
@@ -31,9 +29,7 @@ def run(params: Params, tracker) -> dict:
 
 # %% ../../nbs/14_stage_render.ipynb #2e5b7591
 def main(argv: list[str] | None = None) -> dict:
-    "`stage_main('render', run)`; unusable input ends with one line on stderr and exit status 2."
-    try: return stage_main("render", run, argv)
-    except InputError as e:
-        print(f"[render] error: {e}", file=sys.stderr); raise SystemExit(2)
+    "`stage_main('render', run)`; unusable input ends with one line on stderr and exit status 2 (as in every stage)."
+    return stage_main("render", run, argv)
 
 if is_main(__name__): main()
