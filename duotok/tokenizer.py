@@ -332,13 +332,15 @@ def read_token_arrays(path: str | os.PathLike, max_bytes: int = MAX_TOKEN_FILE_B
 
 
 def _encode_settings(enc: Any, where) -> dict[str, Any]:
-    "A package's `encode` section (`chunk_s`, `context_s` >= 0 s, `batch_windows` >= 1), checked; a `CheckpointError` names `where`."
+    """A package's `encode` section (`chunk_s`, `context_s` >= 0 s or null = the encoder's receptive field, `batch_windows`
+    >= 1), checked; a `CheckpointError` names `where`."""
     from duotok.checkpoint import CheckpointError
     if not isinstance(enc, dict): raise CheckpointError(f"{where}: 'encode' must be a mapping, got {enc!r}; re-package the tokenizer")
     out = {}
     for k, lo, tp in (("chunk_s", 0, (int, float)), ("context_s", 0, (int, float)), ("batch_windows", 1, int)):
         if k not in enc: continue
         v = enc[k]
+        if k == "context_s" and v is None: out[k] = None; continue      # null: the receptive field as context
         if isinstance(v, bool) or not isinstance(v, tp) or not (math.isfinite(v) and lo <= v <= 1e6):
             raise CheckpointError(f"{where}: encode.{k} must be a number in [{lo}, 1e6], got {v!r}; re-package the tokenizer")
         out[k] = v
