@@ -173,7 +173,8 @@ def test_mlflow_ui_serves_a_page(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- pipeline + nbdev discipline
-STAGES = ["render", "preprocess", "ssl", "finetune", "codebook", "vae", "pre_encode", "decoder", "evaluate", "report"]
+from duotok.stage import STAGES as _STAGES
+STAGES = list(_STAGES)       # the pipeline order the package declares
 
 
 def test_dvc_pipeline_has_every_stage_with_its_params_section():
