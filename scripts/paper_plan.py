@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGET = {"ssl": 400_000, "finetune": 100_000, "codebook": 100_000, "vae": 200_000, "decoder": 200_000, "lm": 100_000}
 "Steps: ssl as the open BEST-RQ music encoders (400k updates); vae / decoder as params/paper.yaml; lm: the protocol's 100k."
 MFU = {"ssl": 0.40, "finetune": 0.35, "codebook": 0.35, "vae": 0.25, "decoder": 0.40, "lm": 0.35}
-"Assumed model-FLOPs utilisation on H100 in bf16: 0.35-0.40 for the transformers (SDPA / FlashAttention), 0.25 for the
-convolutional VAE-GAN (small channel counts at 48 kHz resolution are memory-bound)."
+"""Assumed model-FLOPs utilisation on H100 in bf16: 0.35-0.40 for the transformers (SDPA / FlashAttention), 0.25 for the
+convolutional VAE-GAN (small channel counts at 48 kHz resolution are memory-bound)."""
 
 
 def main():

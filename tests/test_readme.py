@@ -66,6 +66,13 @@ CHECK = {
     "duotok encode --model outputs/decoder/package --vocals v.wav --accompaniment a.wav -o song.npz",
     "duotok decode song.npz --model outputs/decoder/package -o decoded/",
     "python bench/bench_encoder.py", "python bench/bench_encode.py", "python bench/bench_decode.py",
+    # tokens to music: need a trained package and LMs
+    "duotok tokenize outputs/render/songs -o data/tokens --model outputs/decoder/package",
+    "duotok lm train data/tokens -o lm/",
+    "duotok generate --vocals vocal.wav --model outputs/decoder/package --lm lm/ -o out/",
+    "duotok encode --model outputs/decoder/package --mix song.wav -o song.npz",
+    # the paper profile: an hour on CPU or a GPU
+    "make paper", "make test-slow", "python scripts/paper_plan.py", "duotok tokenize",
     # several processes / nodes / GPUs
     "torchrun --standalone --nproc_per_node=N -m duotok.stages.finetune",
     "accelerate launch --multi_gpu --num_processes N -m duotok.stages.finetune",
@@ -217,7 +224,11 @@ def check_simple(argv: list[str]) -> None:
             if rest[1:]: _check_program([sys.executable, str(script)], rest[1:], f"python {rest[0]}")
     elif prog == "duotok":
         assert rest and _is_subcommand(rest[0], help_text(str(BIN / "duotok"))), f"duotok: no subcommand {rest[:1]}"
-        _check_program([str(BIN / "duotok"), rest[0]], rest[1:], f"duotok {rest[0]}")
+        sub = rest[:1]                              # nested subcommands: `duotok lm train ...`
+        while len(rest) > len(sub) and not rest[len(sub)].startswith("-") \
+                and _is_subcommand(rest[len(sub)], help_text(str(BIN / "duotok"), *sub)):
+            sub = rest[:len(sub) + 1]
+        _check_program([str(BIN / "duotok"), *sub], rest[len(sub):], f"duotok {' '.join(sub)}")
     elif prog == "papermill":
         h = help_text(str(BIN / "papermill"))
         opts, pos = _split_opts(rest, {"-p", "-k", "--cwd", "-f", "-y", "-r"})
