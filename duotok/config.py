@@ -82,6 +82,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("*width", SIZE), ("*ffn*", SIZE), ("*hidden*", SIZE), ("*_dim", SIZE), ("*channels", SIZE), ("*n_fft", SIZE),
     ("*_len", Range(1, 1 << 24)), ("*.context", Range(1, 1 << 24)), ("*hop", AT_LEAST_1), ("*ratios", AT_LEAST_1),
     ("*multiples", AT_LEAST_1),
+    ("*attention_window", NON_NEGATIVE),                          # tokens each side; 0 = global attention
 )
 
 def numeric_rule(key: str) -> Range:

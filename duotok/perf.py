@@ -103,10 +103,9 @@ def stage_objective(params: Params, stage: str, batch: int = 1) -> tuple[nn.Modu
         return FlowMatchingObjective(m, make_scheduler(), params.decoder.cond_dropout), b, dict(params.decoder.lambdas)
     if stage == "lm":
         from duotok import lm as L
-        from duotok.evaluation import token_lm
         V = (a.codebook_size, a.codebook_size); Tg = int(round(params.preprocess.segment_s * a.token_rate))
         s = L.build_sequences(torch.randint(0, V[0], (batch, Tg), generator=g), torch.randint(0, V[1], (batch, Tg), generator=g), V, "dual")
-        return L.LMObjective(token_lm(params.evaluate.lm, V, 0)), {"ids": s.ids, "train_mask": s.train_mask}, {"lm/ce": 1.0}
+        return L.LMObjective(L.new_lm(params.evaluate.lm, V, 0)), {"ids": s.ids, "train_mask": s.train_mask}, {"lm/ce": 1.0}
     raise ValueError(f"stage_objective: unknown stage {stage!r} (ssl, finetune, codebook, vae, decoder, lm)")
 
 # %% ../nbs/67_perf.ipynb #b5c10ab0
