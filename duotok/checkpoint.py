@@ -62,11 +62,12 @@ def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     "The tensors of a `.safetensors` file; `CheckpointError` naming it if it is not a regular, intact safetensors file."
     p = Path(path)
     if not p.is_file(): raise CheckpointError(f"{p}: not a regular file; {_REDO}")
-    with open(p, "rb") as f: head = f.read(8)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise CheckpointError(f"{p}: a pickled PyTorch file, not safetensors; duotok never loads pickles: {_REDO}")
-    try: return load_file(str(p), device=device)
+    try: return load_file(str(p), device=device)   # checks its header against the file size before reading
     except Exception as e:     # the Rust library raises SafetensorError / OSError / ValueError for damaged files
+        with open(p, "rb") as f: head = f.read(4)
+        # only now look for a pickle: a safetensors file starts with its header length, whose first byte may be 0x80
+        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head == b"PK\x03\x04":
+            raise CheckpointError(f"{p}: a pickled PyTorch file, not safetensors; duotok never loads pickles: {_REDO}") from None
         raise CheckpointError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e}); {_REDO}") from None
 
 def read_config_json(path: str | os.PathLike) -> dict:

@@ -504,3 +504,15 @@ def test_every_stage_prints_bad_input_as_one_line_with_exit_2(tmp_path, stage):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == [f"[{stage}] error: preprocess.val_fraction: 1.5 is not in [0, 1)"]
     assert tree_hash(tmp_path) == before
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_loads(tmp_path):
+    "The pickle check must not refuse real safetensors files: their first byte is the header length's low byte."
+    import torch
+    from safetensors.torch import save_file
+    from duotok.checkpoint import read_weights
+    for n in range(1, 600):                       # find a tensor name that makes the header length's low byte 0x80
+        save_file({"w" * n: torch.zeros(1)}, tmp_path / "a.safetensors")
+        if (tmp_path / "a.safetensors").read_bytes()[:1] == b"\x80": break
+    assert (tmp_path / "a.safetensors").read_bytes()[:1] == b"\x80"
+    assert list(read_weights(tmp_path / "a.safetensors")) == ["w" * n]
