@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .audio import _chroma_fb, _mel_transform, chroma, log_mel
+from .audio import LOG_MEL_EPS, _chroma_fb, _mel_transform, chroma, log_mel
 from .config import AudioConfig
 
 # %% auto #0
@@ -82,7 +82,7 @@ class Features(nn.Module):
         mt = _mel_transform(self.sample_rate, self.n_fft, self.hop, self.n_mels).to(x.device)
         p = mt.spectrogram(x)                                                     # (..., n_fft/2+1, frames), power
         c = torch.einsum("cf,...ft->...ct", _chroma_fb(self.sample_rate, self.n_fft).to(x.device), p)
-        return mt.mel_scale(p).clamp_min(1e-5).log(), c / c.amax(dim=-2, keepdim=True).clamp_min(1e-8)
+        return mt.mel_scale(p).clamp_min(LOG_MEL_EPS).log(), c / c.amax(dim=-2, keepdim=True).clamp_min(1e-8)
 
     def item(self, item: dict) -> dict:
         "One unbatched item (tensors without the batch axis) through `forward`."
