@@ -109,3 +109,16 @@ def test_training_curves_in_pipeline_order_and_notes_once(rendered):
     assert "no training curve logged by: pre_encode" in streams
     for n in NOTES:
         assert html.count(n) == 1, n
+
+
+def test_an_empty_project_renders_and_says_what_is_missing(tmp_path, monkeypatch):
+    "No stage has run: every section says what is missing, the headline reads 'not measured', nothing fails."
+    for k in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(k, raising=False)
+    m = run(load_params(ROOT / "params.yaml"), NullTracker(), out_dir=tmp_path / "report", root=tmp_path)
+    nb = json.loads((tmp_path / "report/report.ipynb").read_text())
+    assert m["report/errors"] == 0, [o["evalue"] for o in _outputs(nb, "error")]
+    table = next(_text(o) for o in _outputs(nb, "display_data") if "| quantity |" in _text(o))
+    assert all(line.split("|")[3].strip() == NOT_MEASURED for line in table.splitlines()[2:])
+    streams = "".join(_text(o) for o in _outputs(nb, "stream"))
+    assert "eval/metrics.json                  missing" in streams and "no training curves recorded" in streams
