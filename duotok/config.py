@@ -228,7 +228,8 @@ class TrainConfig:
     ckpt_every: int             # steps between resumable state saves
     log_every: int
     seed: int
-    mixed_precision: Literal["no", "fp16", "bf16"] | bool  # Accelerate's names; YAML false reads as "no" (below)
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] | bool  # Accelerate's names (YAML false reads as "no",
+                                # below); auto = bf16 where the device computes bf16 natively, else no (`resolve_precision`)
     num_workers: int
 
     def __post_init__(self):
@@ -237,8 +238,8 @@ class TrainConfig:
         if self.mixed_precision is False: object.__setattr__(self, "mixed_precision", "no")
 
     def validate(self, key: str) -> None:
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"{key}.mixed_precision: {self.mixed_precision!r} is not one of ['no', 'fp16', 'bf16']")
+        if self.mixed_precision not in ("no", "fp16", "bf16", "auto"):
+            raise ConfigError(f"{key}.mixed_precision: {self.mixed_precision!r} is not one of ['no', 'fp16', 'bf16', 'auto']")
 
 # %% ../nbs/01_config.ipynb #815f13ff
 @dataclass(frozen=True)

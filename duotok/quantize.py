@@ -114,12 +114,15 @@ class SimVQBranch(nn.Module):
         """h: (B, T, dim) -> BranchOutput."""
         if h.ndim != 3 or h.shape[-1] != self.dim:
             raise ValueError(f"SimVQBranch: expected (B, T, {self.dim}), got {tuple(h.shape)}")
-        z = self.proj_in(h)                                   # (B, T, code_dim)
-        zq_st, ids, _ = self.vq(z)                            # library: nearest code + ST / rotation
-        zq = self.codebook[ids]                               # (B, T, code_dim) raw code, grad into W
-        commit = self.beta * F.mse_loss(z, zq.detach())
-        codebook = F.mse_loss(z.detach(), zq)
-        return BranchOutput(self.proj_out(zq_st), ids, commit, codebook, z)
+        # fp32 under mixed precision: nearest-code distances in bf16 flip ids between close codes, and
+        # the VQ losses are small differences of large numbers
+        with torch.autocast(h.device.type, enabled=False):
+            z = self.proj_in(h.float())                       # (B, T, code_dim)
+            zq_st, ids, _ = self.vq(z)                        # library: nearest code + ST / rotation
+            zq = self.codebook[ids]                           # (B, T, code_dim) raw code, grad into W
+            commit = self.beta * F.mse_loss(z, zq.detach())
+            codebook = F.mse_loss(z.detach(), zq)
+            return BranchOutput(self.proj_out(zq_st), ids, commit, codebook, z)
 
     @torch.no_grad()
     def encode(self, h: Tensor, chunk: int = 4096) -> Tensor:

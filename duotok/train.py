@@ -28,7 +28,8 @@ from .config import TrainConfig, to_dict
 from .core import atomic_write_json
 
 # %% auto #0
-__all__ = ['NonFiniteLossError', 'FitResult', 'warmup_cosine', 'weighted_loss', 'evaluate_loss', 'fit']
+__all__ = ['NonFiniteLossError', 'FitResult', 'warmup_cosine', 'weighted_loss', 'evaluate_loss', 'bf16_native',
+           'resolve_precision', 'fit']
 
 # %% ../nbs/05_train.ipynb #661420bd
 class NonFiniteLossError(FloatingPointError):
@@ -110,6 +111,24 @@ def evaluate_loss(model: nn.Module, loss_fn: Callable, loader: Iterable, max_bat
         for m, t in modes.items(): m.train(t)
     return _mean_metrics(acc)
 
+# %% ../nbs/05_train.ipynb #4fd934ec
+def bf16_native(device: str | torch.device | None = None) -> bool:
+    "Whether `device` (default: CUDA if present, else CPU) computes bf16 matmuls natively."
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda": return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or
+                    getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
+def resolve_precision(setting: str, device: str | torch.device | None = None) -> str:
+    "A `TrainConfig.mixed_precision` value -> Accelerate's name: `auto` becomes bf16 where `bf16_native`, else no."
+    if setting == "auto": return "bf16" if bf16_native(device) else "no"
+    if setting not in ("no", "fp16", "bf16"): raise ValueError(f"mixed_precision: unknown setting {setting!r}")
+    return setting
+
 # %% ../nbs/05_train.ipynb #7216b6f1
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Tensor]], train_loader,
         cfg: TrainConfig, out_dir: str | os.PathLike, tracker, lambdas: dict[str, float],
@@ -131,7 +150,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
     # without cpu=True Accelerate ignores torchrun's WORLD_SIZE on a machine without accelerators;
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step a prepared scheduler once per *process*
     # at every optimizer step, so under N processes warmup + cosine would run N x faster than `cfg.steps` says
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp],
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), kwargs_handlers=[ddp],
                               cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     set_seed(cfg.seed, device_specific=True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -421,7 +421,8 @@ def f0_features(wav: torch.Tensor, sample_rate: int, hop: int, fmin: float = 50.
     from scipy.ndimage import median_filter
     sr16 = 16000
     T = math.ceil(wav.shape[-1] / hop)
-    x = AF.resample(_fit_length(wav, T * hop).detach().float().cpu(), sample_rate, sr16)  # (B, L16)
+    with torch.autocast(wav.device.type, enabled=False):  # a measurement: fp32 under mixed precision too
+        x = AF.resample(_fit_length(wav, T * hop).detach().float().cpu(), sample_rate, sr16)  # (B, L16)
     h16 = hop * sr16 // sample_rate
     if h16 * sample_rate != hop * sr16 or h16 % 2:
         raise ValueError(f"f0_features: hop {hop} at {sample_rate} Hz is not an even number of 16 kHz samples")

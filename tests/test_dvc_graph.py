@@ -9,6 +9,7 @@ Params files: `dvc exp run -S key=value` rewrites params.yaml through Hydra/Omeg
 which drops the quotes of "no" and writes null as nothing); every section must load the same afterwards.
 """
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -94,10 +95,11 @@ def test_dvc_writes_mixed_precision_unquoted_and_it_still_loads(tmp_path):
     shutil.copy(ROOT / "params.yaml", p)
     _dvc_set(p, "ssl.train.mixed_precision=bf16")
     text = p.read_text()
-    assert "mixed_precision: no\n" in text, "DVC drops the quotes of every other 'no' (the failure this guards)"
-    assert yaml.safe_load(text)["finetune"]["train"]["mixed_precision"] is False
+    assert re.search(r"mixed_precision: no\b(?! ?\")", text), "DVC drops the quotes of every other 'no' (the failure this guards)"
+    assert yaml.safe_load(text)["vae"]["train"]["mixed_precision"] is False
     p2 = load_params(p)
-    assert p2.ssl.train.mixed_precision == "bf16" and p2.finetune.train.mixed_precision == "no"
+    assert p2.ssl.train.mixed_precision == "bf16" and p2.vae.train.mixed_precision == "no"
+    assert p2.finetune.train.mixed_precision == "auto"
 
 
 def test_sweep_dry_run_prints_commands_dvc_can_parse():
