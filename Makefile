@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro test test-slow paper lab mlflow-ui bench dvc-graph
+.PHONY: setup repro test test-slow paper lab mlflow-ui bench dvc-graph pretrained demo
 
 setup: $(PY_STAMP) $(APT_STAMP)
 
@@ -39,6 +39,23 @@ repro: setup
 	source $(BIN)/activate && dvc repro
 	@cat eval/results.md
 	@echo "[repro] all metrics: dvc metrics show (or eval/metrics.json); report: outputs/report/report.html"
+
+# A pretrained tokenizer in three minutes: pull the package from the in-repo DVC store (offline), encode and decode its
+# example song; writes outputs/demo/ (original_*.wav, decoded_*.wav, spectrograms.png, tokens.npz).
+demo: setup
+	@source $(BIN)/activate && dvc pull -q pretrained/default.dvc
+	source $(BIN)/activate && duotok demo
+
+# After make repro: outputs/decoder/package -> pretrained/default (+ example/, MODEL_CARD.md; pretrained/default.md is
+# the card for git), tracked by DVC and pushed to dvcstore/; store objects no .dvc file uses any more (the previous
+# package) are deleted (git history keeps them). Idempotent: the same outputs give the same .dvc file.
+# Then commit what it staged (it prints the command).
+pretrained: setup
+	source $(BIN)/activate && python -m duotok.demo pretrained
+	source $(BIN)/activate && dvc add -q pretrained/default && dvc push -q -r store pretrained/default.dvc
+	source $(BIN)/activate && python -m duotok.demo prune-store
+	git add -A pretrained/default.dvc pretrained/.gitignore pretrained/default.md dvcstore
+	@echo "[pretrained] staged; commit with: git commit -m 'pretrained/default: package of the current dvc.lock'"
 
 # Each test command gets its own empty numba cache: librosa's cache=True gufuncs (pyin) once segfaulted in
 # pytest when loading entries the two parallel nbdev-test workers had written into site-packages (fresh venv).

@@ -278,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "stems more than 0.05 s apart)")
     e.add_argument("--device", default="cpu"); e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(fn=cmd_encode)
-    d = sub.add_parser("decode", help="token file(s) -> 48 kHz vocals / accompaniment / mix")
+    d = sub.add_parser("decode", help="token file(s) -> 48 kHz vocals / accompaniment / mix",
+                       description="Decode token files to <name>_{vocals,accompaniment,mix}.wav in -o, 48 kHz mono: the "
+                       "VAE and the latent decoder carry one audio channel (the encoder hears a mono downmix), so a stereo "
+                       "input comes back mono. A progress bar over the decoded audio seconds goes to stderr (-q: none).")
     d.add_argument("tokens", nargs="+"); d.add_argument("--model", required=True)
     d.add_argument("-o", "--output", required=True, help="output folder"); d.add_argument("--device", default="cpu")
     d.add_argument("--steps", type=int, default=0, help="diffusion sampling steps (0 = the package's)")
@@ -343,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--separator", default=None, help=argparse.SUPPRESS)
     g.add_argument("--device", default="cpu"); g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(fn=cmd_generate)
+    from duotok.demo import add_demo_args, cmd_demo
+    add_demo_args(sub.add_parser("demo", help="encode + decode the pretrained package's example song: original and decoded "
+                                 "audio per track and a spectrogram figure (make demo)")).set_defaults(fn=cmd_demo)
     c = sub.add_parser("corpus", help="corpus checks").add_subparsers(dest="corpus_command", required=True)
     cv = c.add_parser("validate", help="report every problem of every song folder; mixture-only folders are accepted "
                       "when a separator is available", epilog="exit status: 0 every song folder is usable; 1 some song "

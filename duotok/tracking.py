@@ -24,8 +24,9 @@ from .config import flatten, to_dict
 from .core import git_sha, is_main_process, project_root
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'tracking_root', 'tracking_uri', 'artifact_root', 'NullTracker', 'MlflowTracker', 'open_store',
-           'close_dead_runs', 'start_run', 'read_history', 'free_port', 'ui_command', 'serve_ui', 'main']
+__all__ = ['EXPERIMENT', 'tracking_root', 'tracking_uri', 'artifact_root', 'NullTracker', 'MlflowTracker', 'relocate_store',
+           'log_run_record', 'open_store', 'close_dead_runs', 'start_run', 'read_history', 'free_port', 'ui_command',
+           'serve_ui', 'main']
 
 # %% ../nbs/03_tracking.ipynb #3466a0be
 def tracking_root(root: str | os.PathLike | None = None) -> Path:
@@ -83,7 +84,9 @@ class MlflowTracker(NullTracker):
     def run_id(self) -> str: return self._run.info.run_id
     def log_metrics(self, metrics, step=None):
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        if clean: self._mlflow.log_metrics(clean, step=step)
+        if clean:
+            self._mlflow.log_metrics(clean, step=step)
+            self.metrics.append((step, clean))          # kept for the run record's curves (`log_run_record`)
     def log_params(self, params):
         items = {k: (str(v)[:6000]) for k, v in params.items()}
         keys = list(items)
@@ -94,6 +97,80 @@ class MlflowTracker(NullTracker):
         else: self._mlflow.log_artifact(str(p), artifact_path)
     def log_figure(self, fig, name): self._mlflow.log_figure(fig, name)
     def set_tags(self, tags): self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+# %% ../nbs/03_tracking.ipynb #ead77a4e
+def relocate_store(root: str | os.PathLike | None = None) -> int:
+    """Point the artifact locations stored in the default SQLite store at `artifact_root(root)` when they name another
+    `.../mlruns` folder (the repository was moved or copied). Returns the number of rows changed. Another store in
+    `MLFLOW_TRACKING_URI` (the user's, or one this process opened before) is left alone."""
+    import sqlite3
+    db = tracking_root(root).resolve() / "mlruns.db"
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if not db.exists() or (env and env != f"sqlite:///{db}"): return 0
+    new = Path(artifact_root(root)).as_uri()
+    n = 0
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        for table, col in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+            if table not in tables: continue
+            for key, uri in con.execute(f"select rowid, {col} from {table}").fetchall():
+                if not uri or not uri.startswith("file://") or "/mlruns" not in uri: continue
+                head, _, tail = uri.rpartition("/mlruns")
+                if tail and not tail.startswith("/"): continue          # e.g. .../mlruns2: not ours
+                moved = new + tail
+                if moved != uri:
+                    con.execute(f"update {table} set {col} = ? where rowid = ?", (moved, key)); n += 1
+        con.commit()
+    return n
+
+
+def _curves_figure(metrics: list[tuple[int | None, dict]], max_panels: int = 16):
+    "A matplotlib figure with one panel per metric logged at more than one step (the first `max_panels` keys, sorted)."
+    series: dict[str, list[tuple[int, float]]] = {}
+    for step, m in metrics:
+        if step is None: continue
+        for k, v in m.items(): series.setdefault(k, []).append((step, v))
+    keys = sorted(k for k, v in series.items() if len(v) > 1 and not k.startswith("time/"))[:max_panels]
+    if not keys: return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = min(2, len(keys)); rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 2.4 * rows), squeeze=False, constrained_layout=True)
+    for ax, k in zip(axes.flat, keys):
+        s, v = zip(*series[k]); ax.plot(s, v, lw=1)
+        ax.set(xlabel="step", title=k)
+    for ax in axes.flat[len(keys):]: ax.axis("off")
+    return fig
+
+
+def log_run_record(tracker: NullTracker, output: str | os.PathLike | None, root: str | os.PathLike | None = None,
+                   max_audio: int = 4) -> dict:
+    """Tag the run with `dvc.output` / `dvc.checkpoints` (paths relative to the repository) and log `plots/curves.png`,
+    `run/files.json` and the first `max_audio` audio files (<= 2 MB) of `<output>/examples/` as `samples/` (see
+    above). Returns the tags set. Nothing for a missing output folder but the curves."""
+    import json, tempfile
+    tags, base = {}, project_root() if root is None else Path(root)
+    out = Path(output) if output is not None else None
+    if out is not None and out.is_dir():
+        # a relative output is relative to the stage's working folder, the repository (or dvc exp's copy of it)
+        rel = lambda p: os.path.relpath(Path(p).resolve(), base.resolve()) if Path(p).is_absolute() else Path(p).as_posix()
+        files = sorted(p for p in out.rglob("*") if p.is_file() and ".resume" not in p.parts)
+        tags = {"dvc.output": rel(out),
+                "dvc.checkpoints": ",".join(rel(p) for p in files if p.suffix == ".safetensors")[:5000]}
+        tracker.set_tags(tags)
+        with tempfile.TemporaryDirectory() as d:
+            f = Path(d) / "files.json"
+            f.write_text(json.dumps({rel(p): p.stat().st_size for p in files}, indent=1))
+            tracker.log_artifact(f, "run")
+        for a in [p for p in files if p.parent == out / "examples" and p.suffix in (".wav", ".flac")
+                  and p.stat().st_size <= 2 << 20][:max_audio]:
+            tracker.log_artifact(a, "samples")        # audio the stage wrote as examples (evaluate, generate)
+    fig = _curves_figure(tracker.metrics)
+    if fig is not None:
+        import matplotlib.pyplot as plt
+        tracker.log_figure(fig, "plots/curves.png"); plt.close(fig)
+    return tags
 
 # %% ../nbs/03_tracking.ipynb #901005fb
 @contextlib.contextmanager
@@ -119,6 +196,7 @@ def open_store(root=None) -> str:
     uri = tracking_uri(root)
     with _store_lock(uri):
         mlflow.set_tracking_uri(uri)
+        relocate_store(root)
         return _ensure_experiment(mlflow, EXPERIMENT, root)
 
 def _process_alive(pid: int, since: float) -> bool:
@@ -143,14 +221,15 @@ def close_dead_runs(experiment_id: str) -> list[str]:
 
 @contextlib.contextmanager
 def start_run(stage: str, cfg: Any = None, nested: bool = False, tags: dict | None = None,
-              root: str | os.PathLike | None = None) -> Iterator[NullTracker]:
+              root: str | os.PathLike | None = None, output: str | os.PathLike | None = None) -> Iterator[NullTracker]:
     """Open an MLflow run named after the DVC stage; log the flattened config, git sha, stage name, host and
     pid (and the DVC experiment name under `dvc exp run`). `cfg` may be a dataclass (e.g. `Params`) or a dict.
 
     Only rank 0 opens a run (`is_main_process`); other ranks of `torchrun` / `accelerate launch` get a
     `NullTracker` and never touch the store. The run ends FINISHED, FAILED on an exception, or KILLED on
     `KeyboardInterrupt` (Ctrl-C; `duotok.stage` turns SIGTERM into one). Runs left RUNNING by dead processes
-    are closed as KILLED first (`close_dead_runs`)."""
+    are closed as KILLED first (`close_dead_runs`). A FINISHED run gets its record (`log_run_record`): the DVC path
+    of the stage's output and checkpoints (`output`, default `outputs/<stage>`) and a figure of its curves."""
     if not is_main_process():
         yield NullTracker(); return
     import mlflow
@@ -171,6 +250,7 @@ def start_run(stage: str, cfg: Any = None, nested: bool = False, tags: dict | No
         mlflow.end_run("KILLED"); raise
     except BaseException:
         mlflow.end_run("FAILED"); raise
+    log_run_record(t, Path("outputs") / stage if output is None else output, root)
     mlflow.end_run("FINISHED")
 
 def read_history(stage: str | None = None, root: str | os.PathLike | None = None,

@@ -27,7 +27,7 @@ downstream stages in isolated experiment workspaces):
     dvc exp run --queue -S finetune.noise.p=0.3 -S finetune.train.steps=20
     dvc exp run --queue -S finetune.noise.p=0.6 -S finetune.train.steps=20
     dvc queue start -j 1
-    dvc exp show --drop '.*' --keep 'Experiment|State|kbps|lm/dual/overall/ppl_1024|lm/v2a/acc/ppl_1024|recon/(vocals|acc)/mel_l1$|finetune\\.noise\\.p'
+    dvc exp show --drop '.*' --keep 'Experiment|State|kbps|lm/dual/overall/ppl_1024$|lm/v2a/acc/ppl_1024$|recon/(vocals|acc)/mel_l1$|finetune\\.noise\\.p'
     # or, in one line, DVC's own grid syntax: dvc exp run --queue -S 'finetune.noise.p=0.0,0.3,0.6'
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def notebook_parameters(point: dict, fixed: dict) -> dict:
 
 # The columns `dvc exp show` keeps by default (it has ~550 otherwise): the experiment, its state, the bitrate and
 # the headline results of eval/metrics.json; the swept params are added. README "Experiments" uses the same.
-EXP_SHOW_KEEP = r"Experiment|State|kbps|lm/dual/overall/ppl_1024|lm/v2a/acc/ppl_1024|recon/(vocals|acc)/mel_l1$"
+EXP_SHOW_KEEP = r"Experiment|State|kbps|lm/dual/overall/ppl_1024$|lm/v2a/acc/ppl_1024$|recon/(vocals|acc)/mel_l1$"
 
 
 def hydra_value(v) -> str:
