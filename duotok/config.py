@@ -27,8 +27,8 @@ __all__ = ['ANY', 'POSITIVE', 'NON_NEGATIVE', 'AT_LEAST_1', 'FRACTION', 'PROBABI
            'TrainConfig', 'VarietyConfig', 'ShiftConfig', 'RenderConfig', 'PreprocessConfig', 'AugmentConfig',
            'DataConfig', 'EncoderConfig', 'ProbeConfig', 'SSLConfig', 'NoiseConfig', 'FreezeConfig', 'FinetuneConfig',
            'CodebookConfig', 'VAEConfig', 'PreEncodeConfig', 'DecoderConfig', 'LMConfig', 'EvaluateConfig',
-           'GenerateConfig', 'ReportConfig', 'Params', 'parse_override', 'load_params_dict', 'load_params',
-           'checkpoint_config', 'read_section', 'expect_kind', 'config_id']
+           'GenerateConfig', 'ReportConfig', 'AcousticConfig', 'AblateConfig', 'Params', 'parse_override',
+           'load_params_dict', 'load_params', 'checkpoint_config', 'read_section', 'expect_kind', 'config_id']
 
 # %% ../nbs/01_config.ipynb #ff9aaa52
 class ConfigError(InputError):
@@ -84,6 +84,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("*_len", Range(1, 1 << 24)), ("*.context", Range(1, 1 << 24)), ("*hop", AT_LEAST_1), ("*ratios", AT_LEAST_1),
     ("*multiples", AT_LEAST_1),
     ("*attention_window", NON_NEGATIVE),                          # tokens each side; 0 = global attention
+    ("*quantizers", Range(1, 64)),                                # ablate.acoustic: residual VQ levels
 )
 
 def numeric_rule(key: str) -> Range:
@@ -543,6 +544,23 @@ class ReportConfig:
     notebook: str
     n_examples: int
 
+# %% ../nbs/01_config.ipynb #e21fd13a
+@dataclass(frozen=True)
+class AcousticConfig:           # the acoustic baseline of the ablation study (duotok.acoustic): residual VQ of VAE latents
+    quantizers: int             # residual levels per 25 Hz frame (1: 2 x 25 x log2 K bits/s, duotok's bitrate)
+    steps: int                  # EMA codebook updates (batches of train latents)
+    batch_size: int             # segments per update
+    seed: int
+
+@dataclass(frozen=True)
+class AblateConfig:
+    """Knobs of the ablation study (`experiments/ablate`, `duotok.ablate`) that no stage section has. The defaults
+    are the method itself; the main chain reads them and behaves as without them."""
+    finetune_init: Literal["ssl", "random"]   # stage 2 starts from the stage-1 encoder, or from a random one (no stage 1)
+    routing: Literal["dual", "shared"]        # dual: one codebook per track; shared: both tracks through one codebook
+    acoustic: AcousticConfig
+
+
 # %% ../nbs/01_config.ipynb #95e0565f
 @dataclass(frozen=True)
 class Params:
@@ -559,6 +577,7 @@ class Params:
     evaluate: EvaluateConfig
     generate: GenerateConfig
     report: ReportConfig
+    ablate: AblateConfig
 
     def to_dict(self) -> dict: return to_dict(self)
     def flat(self) -> dict[str, Any]: return flatten(self.to_dict())

@@ -28,8 +28,9 @@ FIELDS = ["mel_vocals", "mel_acc", "chroma_vocals", "chroma_acc", "lyric_ids", "
 "The `SegmentDataset` fields stage 3 reads."
 
 # %% auto #0
-__all__ = ['FIELDS', 'dual_batch', 'CodebookHeads', 'CodebookOutput', 'CodebookModel', 'model_from_finetune', 'LowerCache',
-           'init_codebooks', 'codebook_validate', 'codebook_lyric_logprobs', 'FrozenSnapshot', 'codebook_checks']
+__all__ = ['FIELDS', 'dual_batch', 'CodebookHeads', 'CodebookOutput', 'CodebookModel', 'model_from_finetune', 'share_codebook',
+           'is_shared', 'LowerCache', 'init_codebooks', 'codebook_validate', 'codebook_lyric_logprobs',
+           'FrozenSnapshot', 'codebook_checks']
 
 # %% ../../nbs/41_codebook_model.ipynb #e93ced38
 def dual_batch(batch: dict) -> dict:
@@ -190,6 +191,19 @@ def model_from_finetune(ft: FinetuneModel, cfg: CodebookConfig, audio: AudioConf
         getattr(heads, key).load_state_dict(ft.heads[src].state_dict())
     return CodebookModel(enc, q, heads, cfg, ft.vocab)
 
+# %% ../../nbs/41_codebook_model.ipynb #cc37d408
+def share_codebook(quantizer: DualCodebook) -> DualCodebook:
+    """The ablation "shared codebook" (`ablate.routing: shared`): the accompaniment branch becomes the vocal branch,
+    so both tracks are quantized by one SimVQ codebook (and one proj_in / proj_out), routing off. Its checkpoint
+    holds two equal branches, so the packaged tokenizer loads it as an ordinary `DualCodebook`."""
+    quantizer.branches["acc"] = quantizer.branches["vocals"]
+    return quantizer
+
+def is_shared(quantizer: DualCodebook) -> bool:
+    "Do both tracks go through one codebook (`share_codebook`)?"
+    return quantizer.branches["acc"] is quantizer.branches["vocals"]
+
+
 # %% ../../nbs/41_codebook_model.ipynb #4e83964e
 class LowerCache(torch.utils.data.Dataset):
     "Wraps a dataset of fixed items (the grid); items gain `h_vocals`, `h_acc` (T, D): the frozen lower half's outputs."
@@ -227,7 +241,8 @@ def init_codebooks(model: CodebookModel, train_ds, collate=None, seed: int = 0, 
         h = b["h"] if "h" in b else model.encoder.lower(b["mel"])
         for i, t in enumerate(TRACKS):
             zs[t].append(model.quantizer.branches[t].proj_in(h[b["label"] == i]).reshape(-1, model.quantizer.code_dim))
-    for t in TRACKS:
+    if is_shared(model.quantizer): zs = {"vocals": zs["vocals"] + zs["acc"]}   # routing off: one codebook, both tracks
+    for t in zs:
         model.quantizer.branches[t].init_from_z(torch.cat(zs[t]))
 
 # %% ../../nbs/41_codebook_model.ipynb #9fe58caa

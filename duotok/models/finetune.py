@@ -26,7 +26,7 @@ FIELDS = ["mel_mix", "chroma_mix", "lyric_ids", "lyric_len", "lyric_frames", "wa
 # %% auto #0
 __all__ = ['HEADS', 'HEAD_HIDDEN', 'MASK_BINS', 'FIELDS', 'LOSS_HEAD', 'FinetuneOutput', 'FinetuneModel', 'enabled_heads',
            'finetune_losses', 'FinetuneObjective', 'mean_chroma', 'finetune_validate', 'lyric_logprobs',
-           'kmeans_report']
+           'kmeans_report', 'reinit_encoder']
 
 # %% ../../nbs/32_finetune_model.ipynb #d49f47ec
 @dataclass
@@ -246,3 +246,13 @@ def kmeans_report(model: FinetuneModel, train_loader, val_loader, k: int, max_ba
     m["bottleneck/top4_var"] = float(f[min(3, len(f) - 1)])                 # variance share of 4 principal components
     m["bottleneck/pcs_99"] = float(int((f < 0.99).sum()) + 1)              # components for 99 % of the variance
     return m
+
+# %% ../../nbs/32_finetune_model.ipynb #605ae737
+def reinit_encoder(encoder: nn.Module) -> nn.Module:
+    """The ablation "stage 1 skipped" (`ablate.finetune_init: random`): every weight of `encoder` re-drawn by its
+    module's own `reset_parameters` (the global generator, seeded once by the stage), buffers such as the mel
+    statistics kept. Stage 2 then trains the same architecture from a random start."""
+    for m in encoder.modules():
+        if m is not encoder and hasattr(m, "reset_parameters"): m.reset_parameters()
+    return encoder
+

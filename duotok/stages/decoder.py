@@ -31,7 +31,8 @@ __all__ = ['FIELDS', 'run']
 # %% ../../nbs/55_stage_decoder.ipynb #f2ec88be
 def run(params: Params, tracker, pre_dir: str | Path = "outputs/pre_encode", root: str | Path = "outputs/preprocess",
         vae_dir: str | Path = "outputs/vae", codebook_dir: str | Path = "outputs/codebook",
-        out_dir: str | Path | None = None, datasets: dict | None = None, package_to: str | Path | None = "default") -> dict:
+        out_dir: str | Path | None = None, datasets: dict | None = None, package_to: str | Path | None = "default",
+        finetune_dir: str | Path = "outputs/finetune") -> dict:
     """Train the decoder on `pre_dir`, score val, save `out_dir/denoiser.*`, package the tokenizer.
     `datasets={"train":..., "val":...}` replaces the song index's grid for the audio references
     (tests); `package_to=None` skips packaging."""
@@ -65,7 +66,7 @@ def run(params: Params, tracker, pre_dir: str | Path = "outputs/pre_encode", roo
         tracker.log_metrics({k: v for k, v in m.items() if k.startswith("val/")}, step=res.step)
         if package_to is not None:
             dest = out / "package" if package_to == "default" else Path(package_to)
-            package(dest, codebook_dir=codebook_dir, decoder_dir=out, vae_dir=vae_dir)
+            package(dest, codebook_dir=codebook_dir, decoder_dir=out, vae_dir=vae_dir, finetune_dir=finetune_dir)
             m["package"] = str(dest)
         return m
     return on_rank0(finish)

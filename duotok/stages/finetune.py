@@ -12,7 +12,7 @@ from ..features import FeatureLoader, Featurized
 from ..heads import fit_blank_bias
 from ..models.encoder import load_encoder
 from ..models.finetune import (FIELDS, FinetuneModel, FinetuneObjective, enabled_heads, finetune_validate,
-                                    kmeans_report, lyric_logprobs, mean_chroma)
+                                    kmeans_report, lyric_logprobs, mean_chroma, reinit_encoder)
 from ..noise import ProgressiveFreezer
 from ..stage import is_main, stage_main
 from ..train import fit
@@ -30,7 +30,9 @@ def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path =
     data = data or load_splits(FIELDS, crop_s=d.crop_s, seed=t.seed, augment=d.augment, remix=True,
                                max_eval=d.max_eval_segments)
     vocab, col, feats = list(data["manifest"]["vocab"]), data.get("collate"), data.get("features")
-    model = FinetuneModel(load_encoder(ssl_dir), f, vocab)
+    encoder = load_encoder(ssl_dir)
+    if params.ablate.finetune_init == "random": reinit_encoder(encoder)    # ablation: stage 1 skipped
+    model = FinetuneModel(encoder, f, vocab)
     heads = enabled_heads(dict(f.lambdas))
     freezer = ProgressiveFreezer(model.freeze_units(), t.steps, f.freeze)
     schedule = freezer.schedule()
