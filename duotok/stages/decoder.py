@@ -55,7 +55,9 @@ def run(params: Params, tracker, pre_dir: str | Path = "outputs/pre_encode", roo
 
     def finish() -> dict:                                   # rank 0: checkpoint, val decoding vs baselines, package
         config = checkpoint_config("decoder", cfg, audio, latent_dim=man["latent_dim"], codebook_sizes=man["codebook_sizes"],
-                                   scheduler=dict(sched.config))
+                                   # without diffusers' `_use_default_values`: a list made from a set, in another
+                                   # order in every process (the checkpoint's bytes would differ between runs)
+                                   scheduler={k: v for k, v in sched.config.items() if k != "_use_default_values"})
         save_checkpoint(out, model, config, name="denoiser")
         t1 = time.time()
         items = datasets or {s: SegmentDataset(root, split=s, fields=FIELDS) for s in ("train", "val")}
