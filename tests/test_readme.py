@@ -81,7 +81,7 @@ CHECK = {
     "torchrun --nnodes=NNODES --nproc_per_node=N --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 "
     "--rdzv_id=duotok-finetune -m duotok.stages.finetune",
     "accelerate launch -m duotok.stages.finetune",
-    "torchrun --standalone --nproc_per_node=N -m duotok.stages.finetune --set finetune.train.mixed_precision=bf16",
+    "torchrun --standalone --nproc_per_node=N -m duotok.stages.finetune --set finetune.train.mixed_precision=fp16",
 }
 # ```python blocks of the README: "run" or "check" (compiles, and its `from duotok import ...` names exist)
 PYTHON: dict[str, str] = {
