@@ -18,6 +18,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'duotok.audio.log_mel': ('audio.html#log_mel', 'duotok/audio.py'),
                               'duotok.audio.n_frames': ('audio.html#n_frames', 'duotok/audio.py'),
                               'duotok.audio.resample': ('audio.html#resample', 'duotok/audio.py'),
+                              'duotok.audio.resample_blocks': ('audio.html#resample_blocks', 'duotok/audio.py'),
                               'duotok.audio.save_audio': ('audio.html#save_audio', 'duotok/audio.py'),
                               'duotok.audio.sinc_kernel_size': ('audio.html#sinc_kernel_size', 'duotok/audio.py'),
                               'duotok.audio.stft': ('audio.html#stft', 'duotok/audio.py'),
