@@ -570,6 +570,10 @@ class DuoTok:
 
     @classmethod
     def from_pretrained(cls, dir: str | os.PathLike, device: str = "cpu", **kw) -> "DuoTok":
+        """Load a packaged tokenizer. On the CPU, torch's thread count follows the free cores unless the user chose it
+        (`duotok.core.set_threads`)."""
+        if device == "cpu":
+            from duotok.core import set_threads; set_threads()
         dir = Path(dir)
         if not (dir / "encoder").is_dir():
             raise FileNotFoundError(f"{dir}: not a packaged duotok tokenizer (no encoder/ folder); "
