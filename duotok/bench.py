@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import load_params
-from .core import choose_threads
+from .core import choose_threads, is_main
 
 # %% auto #0
 __all__ = ['best_time', 'PeakRSS', 'matmul_roofline', 'reference_encoder', 'encoder_speed', 'default_encoder', 'default_decoder',
@@ -248,4 +248,4 @@ class _Null:
     def __exit__(self, *exc): return False
 
 # %% ../nbs/68_bench.ipynb #b6800016
-if __name__ == "__main__": main()
+if is_main(__name__): main()
