@@ -44,6 +44,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'duotok.bench._Null.__exit__': ('bench.html#_null.__exit__', 'duotok/bench.py'),
                               'duotok.bench._cpu_name': ('bench.html#_cpu_name', 'duotok/bench.py'),
                               'duotok.bench._flags': ('bench.html#_flags', 'duotok/bench.py'),
+                              'duotok.bench._trim': ('bench.html#_trim', 'duotok/bench.py'),
                               'duotok.bench.best_time': ('bench.html#best_time', 'duotok/bench.py'),
                               'duotok.bench.busy_neighbour': ('bench.html#busy_neighbour', 'duotok/bench.py'),
                               'duotok.bench.busy_neighbour.__enter__': ('bench.html#busy_neighbour.__enter__', 'duotok/bench.py'),
