@@ -89,4 +89,4 @@ dvc-graph: setup
 	source $(BIN)/activate && python scripts/dvc_graph.py --toy --write
 
 bench: setup
-	source $(BIN)/activate && for b in bench/bench_*.py; do python $$b; done
+	source $(BIN)/activate && python -m duotok.bench

@@ -23,17 +23,10 @@ import torch
 
 
 def default_decoder(params_path: str = "params.yaml", profile: str | None = None):
-    from duotok.config import checkpoint_config, load_params
-    from duotok.diffusion import TokenDecoder, build_latent_decoder, make_scheduler
-    from duotok.vae import build_vae
-    p = load_params(params_path, profile=profile)
-    v, d, a = p.vae, p.decoder, p.audio
-    vae = build_vae(v, a).eval()  # the params' architecture (vae.arch), untrained
-    sizes = (a.codebook_size, a.codebook_size)
-    model = build_latent_decoder(d, vae.latent_dim, sizes, a).eval()
-    cfg = checkpoint_config("decoder", d, a, latent_dim=vae.latent_dim, codebook_sizes=list(sizes),
-                            scheduler=dict(make_scheduler().config))
-    return TokenDecoder.from_config(model, vae, cfg)
+    "An untrained decoder of the params' size (`duotok.bench.default_decoder`)."
+    from duotok.bench import default_decoder as build
+    from duotok.config import load_params
+    return build(load_params(params_path, profile=profile))
 
 
 def _rss_mb() -> float:
@@ -97,7 +90,7 @@ def main(argv=None):
     if Path(a.dir, "denoiser.json").exists():
         td, what = TokenDecoder.from_dir(a.dir), f"trained ({a.dir})"
     else:
-        td, what = default_decoder(profile=a.profile)
+        td, what = default_decoder(profile=a.profile), f"untrained ({a.profile or 'params.yaml'} size)"
     if a.guidance is not None:
         td.guidance_scale = a.guidance
     K = td.model.nets[0].codebook_sizes

@@ -17,16 +17,16 @@ Set OMP_NUM_THREADS to the number of cores you want to use."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import psutil
+
+from duotok.bench import PeakRSS
 import torch
 
 
@@ -35,31 +35,10 @@ LEGACY = {"level": "none", "lower_attention_window": 0}
 
 
 def default_encoder(params_path: str = "params.yaml", legacy: bool = False):
-    """A token encoder of random weights shaped by the params (code dimension = finetune.bottleneck_dim, as stage 3
-    reads it); `legacy`: with the first release's front end and full attention."""
-    from duotok.config import checkpoint_config, load_params
-    from duotok.models.encoder import encoder_from_config
-    from duotok.quantize import quantizer_from_config
-    from duotok.tokenizer import TokenEncoder
-    p = load_params(params_path)
-    enc = dataclasses.replace(p.ssl.encoder, **LEGACY) if legacy else p.ssl.encoder
-    cfg = checkpoint_config("codebook", p.codebook, p.audio, encoder=enc, code_dim=p.finetune.bottleneck_dim,
-                            vocab=["_"], model_id="random-bench")
-    return TokenEncoder(encoder_from_config(cfg), quantizer_from_config(cfg), cfg)
-
-
-class PeakRSS:
-    "Samples this process's resident memory every `dt` s in a thread; `.peak` in bytes."
-    def __init__(self, dt: float = 0.005):
-        self.proc, self.dt, self.peak, self._stop = psutil.Process(), dt, 0, threading.Event()
-    def __enter__(self):
-        self.peak = self.proc.memory_info().rss
-        self.t = threading.Thread(target=self._run, daemon=True); self.t.start(); return self
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss); time.sleep(self.dt)
-    def __exit__(self, *exc):
-        self._stop.set(); self.t.join(); self.peak = max(self.peak, self.proc.memory_info().rss)
+    "A random-weight token encoder of the params' size (`duotok.bench.default_encoder`); `legacy`: the first release's."
+    from duotok.bench import default_encoder as build
+    from duotok.config import load_params
+    return build(load_params(params_path), LEGACY if legacy else None)
 
 
 def main(argv=None) -> dict:

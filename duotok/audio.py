@@ -22,7 +22,7 @@ from .core import InputError, atomic_path
 
 # %% auto #0
 __all__ = ['SINC_KERNEL_LIMIT', 'MIN_SR', 'MAX_SR', 'MAX_DURATION_S', 'STANDARD_RATES', 'LOG_MEL_EPS', 'AudioError',
-           'sinc_kernel_size', 'resample', 'to_mono', 'AudioInfo', 'audio_info', 'check_sample_rate',
+           'sinc_kernel_size', 'resample', 'to_mono', 'resample_blocks', 'AudioInfo', 'audio_info', 'check_sample_rate',
            'check_audio_info', 'load_audio', 'save_audio', 'n_frames', 'log_mel', 'stft', 'istft', 'chroma']
 
 # %% ../nbs/02_audio.ipynb #0fb3bd21
@@ -51,14 +51,17 @@ def _soxr_resample(a: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     y = y[:n_out] if len(y) >= n_out else np.pad(y, ((0, n_out - len(y)), (0, 0)))
     return np.ascontiguousarray(y.T).reshape(*a.shape[:-1], n_out)
 
-def resample(x: np.ndarray | torch.Tensor, orig_sr: int, new_sr: int):
+def resample(x: np.ndarray | torch.Tensor, orig_sr: int, new_sr: int, method: str = "sinc"):
     """Resample along the last axis to ceil(N new_sr / orig_sr) samples; returns the array type it got
-    (float32). torchaudio's sinc resampler when its kernel has at most `SINC_KERNEL_LIMIT` values (every
-    standard rate pair), soxr otherwise: memory stays proportional to the signal for any pair of rates."""
+    (float32). `method="sinc"`: torchaudio's sinc resampler when its kernel has at most `SINC_KERNEL_LIMIT` values
+    (every standard rate pair), soxr otherwise: memory stays proportional to the signal for any pair of rates.
+    `method="soxr"`: libsoxr (very-high quality) for every pair, the resampler of the training crops and of
+    `resample_blocks`."""
     orig_sr, new_sr = _rate(orig_sr, "input"), _rate(new_sr, "output")
+    if method not in ("sinc", "soxr"): raise ValueError(f"resample: method must be 'sinc' or 'soxr', got {method!r}")
     if orig_sr == new_sr: return x
     is_np = isinstance(x, np.ndarray)
-    if sinc_kernel_size(orig_sr, new_sr) > SINC_KERNEL_LIMIT:
+    if method == "soxr" or sinc_kernel_size(orig_sr, new_sr) > SINC_KERNEL_LIMIT:
         y = _soxr_resample(x if is_np else x.detach().cpu().numpy(), orig_sr, new_sr)
         return y if is_np else torch.from_numpy(y).to(x.device)
     t = torch.from_numpy(np.ascontiguousarray(x)) if is_np else x
@@ -70,6 +73,25 @@ def to_mono(x: np.ndarray | torch.Tensor):
     "(C, N) -> (N,) by averaging channels; (N,) passes through."
     if x.ndim == 1: return x
     return x.mean(0)
+
+# %% ../nbs/02_audio.ipynb #a20b0002
+def resample_blocks(blocks, orig_sr: int, new_sr: int, n_out: int | None = None):
+    """Mono float32 blocks (an iterable of 1-D arrays) at `orig_sr` -> 1-D float32 blocks at `new_sr`, streamed
+    through one libsoxr (VHQ) resampler. The concatenated output equals `resample(concatenation, method="soxr")`:
+    `n_out` samples (default: as many as soxr gives), zero-padded or cut at the end."""
+    import soxr
+    orig_sr, new_sr = _rate(orig_sr, "input"), _rate(new_sr, "output")
+    st = soxr.ResampleStream(orig_sr, new_sr, 1, dtype="float32", quality="VHQ") if orig_sr != new_sr else None
+    done, it = 0, iter(blocks)
+    b = next(it, None)
+    while b is not None:
+        nxt = next(it, None)
+        b = np.ascontiguousarray(b, dtype=np.float32)
+        y = st.resample_chunk(b, last=nxt is None) if st is not None else b
+        if n_out is not None: y = y[: max(0, n_out - done)]
+        done += len(y); b = nxt
+        if len(y): yield y
+    if n_out is not None and done < n_out: yield np.zeros(n_out - done, np.float32)
 
 # %% ../nbs/02_audio.ipynb #3f2bbf4c
 MIN_SR, MAX_SR = 8000, 384000       # sample rates accepted from a file header

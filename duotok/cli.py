@@ -262,6 +262,8 @@ def cmd_corpus_validate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="duotok", description="Duo-Tok dual-track music tokenizer")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: $DUOTOK_THREADS, else $OMP_NUM_THREADS, else the free cores)")
     sub = ap.add_subparsers(dest="command", required=True)
     sep_help = ("separator for mixes: 'builtin' (the package's stage-2 head, default), a stage-2 checkpoint folder, or "
                 "'module:function' / 'file.py:function' taking (mix, sr) and returning (vocals, accompaniment, sr)")
@@ -362,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        import torch; torch.set_num_threads(max(1, args.threads))
+    elif args.command in ("encode", "decode", "tokenize"):
+        from duotok.core import set_threads; set_threads()
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

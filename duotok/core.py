@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['seed_everything', 'freeze', 'assert_frozen', 'count_parameters', 'check_shape', 'atomic_write', 'atomic_path',
-           'atomic_write_text', 'atomic_write_json', 'atomic_save_npy', 'git_sha', 'in_notebook', 'is_main',
-           'project_root', 'is_main_process', 'InputError']
+__all__ = ['THREADS_ENV', 'seed_everything', 'freeze', 'assert_frozen', 'count_parameters', 'check_shape', 'atomic_write',
+           'atomic_path', 'atomic_write_text', 'atomic_write_json', 'atomic_save_npy', 'git_sha', 'in_notebook',
+           'is_main', 'project_root', 'is_main_process', 'InputError', 'busy_cores', 'choose_threads', 'set_threads']
 
 # %% ../nbs/00_core.ipynb #acaf0cb3
 def seed_everything(seed: int) -> None:
@@ -160,3 +160,57 @@ def is_main_process() -> bool:
 # %% ../nbs/00_core.ipynb #e2b91f07
 class InputError(ValueError):
     "Bad input a user can fix; the message says which file or value, what is wrong and what to do."
+
+# %% ../nbs/00_core.ipynb #a20c0002
+THREADS_ENV = "DUOTOK_THREADS"
+"The environment variable that fixes the torch thread count (overrides the automatic choice)."
+
+def _cpu_ticks(cpus) -> tuple[int, int]:
+    "(busy, total) clock ticks summed over the `cpus` lines of /proc/stat (idle = idle + iowait)."
+    busy = tot = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *v = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            v = [int(x) for x in v[:8]]; tot += sum(v); busy += sum(v) - v[3] - v[4]
+    return busy, tot
+
+def busy_cores(sample_s: float = 0.2, cpus=None) -> float:
+    """Cores of `cpus` (default: this process's affinity) kept busy by other processes during `sample_s` seconds:
+    their non-idle time in /proc/stat minus this process's own CPU time, per wall second; the 1-minute load average
+    where /proc/stat cannot be read."""
+    import time
+    cpus = set(cpus if cpus is not None else os.sched_getaffinity(0))
+    try:
+        t, (b0, _), w0 = os.times(), _cpu_ticks(cpus), time.monotonic()
+        own0 = t.user + t.system
+        time.sleep(sample_s)
+        t, (b1, _), w1 = os.times(), _cpu_ticks(cpus), time.monotonic()
+        return max(0.0, ((b1 - b0) / os.sysconf("SC_CLK_TCK") - (t.user + t.system - own0)) / (w1 - w0))
+    except (OSError, ValueError):
+        return os.getloadavg()[0]
+
+def choose_threads(share: int | None = None, sample_s: float = 0.2) -> int:
+    """Torch threads for one of `share` processes (default: `LOCAL_WORLD_SIZE`, the processes of a distributed run
+    on this machine, else 1): `DUOTOK_THREADS` if set, else the free cores (affinity minus `busy_cores`, a core
+    counted busy from half its time) divided by `share`; at least 1."""
+    if share is None: share = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1: raise ValueError(f"{THREADS_ENV}={env!r}: give a positive whole number of threads")
+        return int(env)
+    cores = len(os.sched_getaffinity(0))
+    free = cores - min(cores, int(busy_cores(sample_s) + 0.5))
+    return max(1, free // max(1, share))
+
+_TORCH_START_THREADS = torch.get_num_threads()
+
+def set_threads(share: int | None = None, log: str | None = None) -> int:
+    """Set torch's intra-op threads to `choose_threads(share)` unless the user chose (`DUOTOK_THREADS` unset and
+    `OMP_NUM_THREADS` set, or torch's count changed since duotok was imported); returns torch's thread count.
+    `log`: a prefix to print the choice with (e.g. the stage name)."""
+    user = not os.environ.get(THREADS_ENV) and ("OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _TORCH_START_THREADS)
+    if not user: torch.set_num_threads(choose_threads(share))
+    n = torch.get_num_threads()
+    if log: print(f"[{log}] {n} torch thread(s) ({'as set by the user' if user else 'free cores'}, "
+                  f"{len(os.sched_getaffinity(0))} core(s) available)", flush=True)
+    return n

@@ -359,9 +359,9 @@ def _load_tok(model, device: str, encode_kw: dict, separator):
     return tok
 
 
-def _worker_init(model, device, encode_kw, separator, queue):
-    import torch
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+def _worker_init(model, device, encode_kw, separator, queue, share: int = 1):
+    from duotok.core import set_threads
+    set_threads(share)                                     # the free cores split between the `share` workers
     _WORKER.update(tok=_load_tok(model, device, encode_kw, separator), queue=queue)
 
 
@@ -436,7 +436,8 @@ def tokenize_dataset(source, out, model, shard_size: int = 16, workers: int = 1,
         ctx = mp.get_context("spawn")
         with ctx.Manager() as mgr, ProcessPoolExecutor(
                 min(workers, len(todo)), ctx, _worker_init,
-                (str(model), device, encode_kw or {}, None if callable(separator) else separator, q := mgr.Queue())) as ex:
+                (str(model), device, encode_kw or {}, None if callable(separator) else separator, q := mgr.Queue(),
+                 min(workers, len(todo)))) as ex:
             futs = [ex.submit(_worker_shard, str(out), k, [s.to_json() for s in chunk(k)], pad) for k in todo]
             while not all(f.done() for f in futs) or not q.empty():
                 try: tick(q.get(timeout=0.2))

@@ -514,34 +514,29 @@ def stream_log_mel(x, sr: int, audio: AudioConfig, pad_to: int | None = None, bl
     """Audio (L,) / (C, L) at `sr` -> raw natural-log mel (n_mels, n_frames) at the encoder rate, computed in
     blocks of `block_s` seconds so memory stays O(block) beyond one 24 kHz mono copy of the song.
 
-    Same result as `log_mel(resample(mono(x)))` (centred STFT, reflect padding; up to float rounding): the
-    downmix and resampling run per block with a margin of real samples (blocks start on multiples of the
-    resampling period, so outputs align exactly), and the STFT runs per block of frames on the
-    reflect-padded signal. The 24 kHz signal is zero-padded at the end to `pad_to` samples if given; the
-    result has `len // hop + 1` frames, as `duotok.audio.log_mel`."""
-    import math as _m
-    from duotok.audio import log_mel, resample
+    Same result as `log_mel(resample(mono(x), method="soxr"))` (centred STFT, reflect padding; up to float
+    rounding): the downmix runs per block and the blocks stream through one libsoxr resampler
+    (`duotok.audio.resample_blocks`, the resampler of the training crops; its output does not depend on the block
+    size), and the STFT runs per block of frames on the reflect-padded signal. The 24 kHz signal is zero-padded
+    at the end to `pad_to` samples if given; the result has `len // hop + 1` frames, as `duotok.audio.log_mel`."""
+    from duotok.audio import log_mel, resample_blocks
     t = _as_2d(x, name)
     sr24, hop, n_fft, n_mels = int(audio.encoder_sample_rate), int(audio.hop_length), int(audio.n_fft), int(audio.n_mels)
     L = t.shape[-1]
-    g = _m.gcd(int(sr), sr24); u_in, u_out = int(sr) // g, sr24 // g
-    L24 = -(-L * u_out // u_in)
+    L24 = -(-L * sr24 // int(sr))
     w = torch.zeros(max(L24, pad_to or 0))
     n_frames = w.shape[0] // hop + 1
-    blk = max(1, round(block_s * sr / u_in)) * u_in                       # input samples per block
-    width = _m.ceil(16 * u_in / (min(u_in, u_out) * 0.95))
-    M = max(1, _m.ceil((width + u_in + 256) / u_in)) * u_in              # margin, a multiple of u_in
-    for a in range(0, L, blk):
-        b = min(L, a + blk)
-        a0, b0 = max(0, a - M), min(L, b + M)
-        xb = t[:, a0:b0].float().mean(0)
-        if not torch.isfinite(xb).all():
-            raise ValueError(f"DuoTok.encode: {name} contains NaN or inf samples (near {a / sr:.1f} s)")
-        yb = resample(xb, int(sr), sr24) if u_in != u_out else xb
-        o0 = (a - a0) * u_out // u_in
-        out_a = a * u_out // u_in
-        out_b = L24 if b == L else b * u_out // u_in
-        w[out_a:out_b] = yb[o0:o0 + out_b - out_a]
+    blk = max(1, round(block_s * sr))                                    # input samples per block
+
+    def mono_blocks():
+        for a in range(0, L, blk):
+            xb = t[:, a:a + blk].float().mean(0)
+            if not torch.isfinite(xb).all():
+                raise ValueError(f"DuoTok.encode: {name} contains NaN or inf samples (near {a / sr:.1f} s)")
+            yield xb.numpy()
+    o = 0
+    for yb in resample_blocks(mono_blocks(), int(sr), sr24, L24):
+        w[o:o + len(yb)] = torch.from_numpy(yb); o += len(yb)
     pad = n_fft // 2
     wp = torch.nn.functional.pad(w[None, None], (pad, pad), mode="reflect")[0, 0]
     del w
@@ -575,6 +570,10 @@ class DuoTok:
 
     @classmethod
     def from_pretrained(cls, dir: str | os.PathLike, device: str = "cpu", **kw) -> "DuoTok":
+        """Load a packaged tokenizer. On the CPU, torch's thread count follows the free cores unless the user chose it
+        (`duotok.core.set_threads`)."""
+        if device == "cpu":
+            from duotok.core import set_threads; set_threads()
         dir = Path(dir)
         if not (dir / "encoder").is_dir():
             raise FileNotFoundError(f"{dir}: not a packaged duotok tokenizer (no encoder/ folder); "

@@ -68,6 +68,7 @@ CHECK = {
     "duotok encode --model outputs/decoder/package --vocals v.wav --accompaniment a.wav -o song.npz",
     "duotok decode song.npz --model outputs/decoder/package -o decoded/",
     "python bench/bench_encoder.py", "python bench/bench_encode.py", "python bench/bench_decode.py",
+    "python -m duotok.bench", "make bench",                 # the Speed section: minutes on 2 cores (tests/test_bench.py runs --quick)
     # tokens to music: need a trained package and LMs
     "duotok tokenize outputs/render/songs -o data/tokens --model outputs/decoder/package",
     "duotok lm train data/tokens -o lm/",

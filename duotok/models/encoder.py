@@ -16,14 +16,50 @@ from ..checkpoint import load_checkpoint
 from ..config import AudioConfig, EncoderConfig, read_section
 
 # %% auto #0
-__all__ = ['ROPE_BASE', 'SUBSAMPLER_REACH', 'DB_TO_NATS', 'LEGACY_LOG_EPS', 'tokens_for_frames', 'lengths_to_mask',
-           'ConvSubsampler', 'RotaryEmbedding', 'apply_rotary', 'attention_mask', 'TransformerBlock', 'local_level',
-           'level_relative', 'EncoderOutput', 'MusicEncoder', 'window_plan', 'encode_windows', 'encoder_from_config',
-           'load_encoder']
+__all__ = ['ROPE_BASE', 'BAND_BLOCK', 'SUBSAMPLER_REACH', 'DB_TO_NATS', 'LEGACY_LOG_EPS', 'banded_attention', 'attend',
+           'tokens_for_frames', 'lengths_to_mask', 'ConvSubsampler', 'RotaryEmbedding', 'apply_rotary',
+           'attention_mask', 'TransformerBlock', 'local_level', 'level_relative', 'EncoderOutput', 'MusicEncoder',
+           'window_plan', 'encode_windows', 'encoder_from_config', 'load_encoder']
 
 # %% ../../nbs/20_encoder.ipynb #a6b23022
 ROPE_BASE = 10000.0
 "Rotary embedding base."
+
+# %% ../../nbs/20_encoder.ipynb #a20d0002
+BAND_BLOCK = 32
+"Queries per block of `banded_attention`."
+
+def banded_attention(q, k, v, window: int, key_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                     block: int = BAND_BLOCK) -> torch.Tensor:
+    """SDPA of q, k, v (B, H, T, d) where query t attends keys t-window .. t+window (valid ones per `key_mask` (B, T),
+    and always itself): the result of `attention_mask(key_mask, T, window)` on the dense scores, computed on blocks of
+    `block` queries against their `block + 2 window` keys."""
+    B, H, T, d = q.shape
+    nb = -(-T // block); Tp, Kw = nb * block, block + 2 * window
+    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, H, nb, block, d).transpose(1, 2).reshape(B * nb, H, block, d)
+    def keys(x):                                                     # (B, H, T, d) -> (B nb, H, Kw, d)
+        x = F.pad(x, (0, 0, window, window + Tp - T)).unfold(2, Kw, block)       # (B, H, nb, d, Kw)
+        return x.permute(0, 2, 1, 4, 3).reshape(B * nb, H, Kw, d)
+    qpos = torch.arange(Tp, device=q.device).view(nb, block, 1)
+    kpos = (torch.arange(nb, device=q.device) * block - window).view(nb, 1, 1) + torch.arange(Kw, device=q.device)
+    m = ((qpos - kpos).abs() <= window) & (kpos >= 0) & (kpos < T)                # (nb, block, Kw)
+    if key_mask is None: m = m[None].expand(B, nb, block, Kw)
+    else:
+        km = F.pad(key_mask, (window, window + Tp - T)).unfold(1, Kw, block)      # (B, nb, Kw)
+        m = (m & km[:, :, None, :]) | (qpos == kpos)
+    o = F.scaled_dot_product_attention(qb, keys(k), keys(v), attn_mask=m.reshape(B * nb, 1, block, Kw), dropout_p=dropout_p)
+    return o.view(B, nb, H, block, d).transpose(1, 2).reshape(B, H, Tp, d)[:, :, :T]
+
+def attend(q, k, v, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, window: int = 0,
+           key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q, k, v (B, H, T, d) with the kernel measured fastest for the dtype and device: `window` > 0
+    (and T > window + 1): `banded_attention` with `key_mask`; else SDPA with `attn_mask`, in fp32 for bf16 / fp16
+    inputs on the CPU."""
+    if window > 0 and q.shape[2] > window + 1: return banded_attention(q, k, v, window, key_mask, dropout_p)
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                              dropout_p=dropout_p).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 # %% ../../nbs/20_encoder.ipynb #40820fd0
 def tokens_for_frames(n_frames: torch.Tensor | int, downsample: int = 4):
@@ -94,15 +130,15 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
         """x (B, T, D); mask (B, T) bool, True = valid (padded keys are not attended); `attn_mask` (from
-        `attention_mask`, e.g. banded) replaces the mask built from `mask` when given."""
+        `attention_mask`, e.g. banded) replaces the mask built from `mask` when given; `window` > 0: attend
+        +-`window` tokens, as `attention_mask(mask, T, window)` but computed block-sparse (`attend`)."""
         q, k, v = rearrange(self.qkv(self.norm1(x)), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if attn_mask is None: attn_mask = attention_mask(mask, x.shape[1])
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if attn_mask is None and window <= 0: attn_mask = attention_mask(mask, x.shape[1])
+        a = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0, window=window, key_mask=mask)
         x = x + self.drop(self.out(rearrange(a, "b h t d -> b t (h d)")))
         return x + self.drop(self.ffn(self.norm2(x)))
 
@@ -225,9 +261,9 @@ class MusicEncoder(nn.Module):
 
     def _run(self, blocks, h, tmask, hidden, window: int = 0):
         rope = self.rope.cos_sin(h.shape[1], h.device, h.dtype)
-        am = attention_mask(tmask, h.shape[1], window, h.device)
+        am = attention_mask(tmask, h.shape[1]) if window <= 0 else None
         for blk in blocks:
-            h = blk(h, rope, attn_mask=am)
+            h = blk(h, rope, mask=tmask, attn_mask=am, window=window)
             if hidden is not None: hidden.append(h)
         return h
 
