@@ -122,7 +122,9 @@ def model_card(tokenizer: dict, corpus: dict, budget: list[dict], metrics: dict,
           f"{kv} entries vs 32768 in the paper. Expect smeared, noisy reconstructions.",
           "- Decoded vocal pitch is poor: raw pitch accuracy of decoded vocals "
           f"{_fmt(rpa, '{:.2f}')}" + (f" while the VAE alone keeps {rpa_vae:.2f}" if rpa_vae is not None else "")
-          + ": the token -> latent decoder, not the VAE, loses the melody.",
+          + (f": the quantizer loses the melody (a pitch-class probe reads {pz:.2f} from the bottleneck before "
+             f"quantization, {pq:.2f} after it, majority class {pm:.2f})" if None not in (pz := metrics.get("pitch/probe/pc/z"),
+             pq := metrics.get("pitch/probe/pc/zq"), pm := metrics.get("pitch/probe/pc/majority")) else "") + ".",
           "- Mono only: stereo input is downmixed before encoding and every decoded track is mono.",
           "- Lyrics: the ASR check scores decoded vocals at WER "
           f"{_fmt(metrics.get('recon/lyrics/wer'), '{:.2f}')} but the original vocals at "
