@@ -1156,6 +1156,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'duotok.train.evaluate_loss': ('train.html#evaluate_loss', 'duotok/train.py'),
                               'duotok.train.fit': ('train.html#fit', 'duotok/train.py'),
                               'duotok.train.resolve_precision': ('train.html#resolve_precision', 'duotok/train.py'),
+                              'duotok.train.use_precision': ('train.html#use_precision', 'duotok/train.py'),
                               'duotok.train.warmup_cosine': ('train.html#warmup_cosine', 'duotok/train.py'),
                               'duotok.train.weighted_loss': ('train.html#weighted_loss', 'duotok/train.py')},
             'duotok.vae': { 'duotok.vae.ConvNeXtBlock': ('vae.html#convnextblock', 'duotok/vae.py'),

@@ -29,7 +29,7 @@ from .core import atomic_write_json
 
 # %% auto #0
 __all__ = ['NonFiniteLossError', 'FitResult', 'warmup_cosine', 'weighted_loss', 'evaluate_loss', 'bf16_native',
-           'resolve_precision', 'fit']
+           'resolve_precision', 'use_precision', 'fit']
 
 # %% ../nbs/05_train.ipynb #661420bd
 class NonFiniteLossError(FloatingPointError):
@@ -129,6 +129,16 @@ def resolve_precision(setting: str, device: str | torch.device | None = None) ->
     if setting not in ("no", "fp16", "bf16"): raise ValueError(f"mixed_precision: unknown setting {setting!r}")
     return setting
 
+
+def use_precision(precision: str) -> None:
+    """Let the next `Accelerator` take `precision` (an Accelerate name). Accelerate keeps one mixed-precision
+    setting per process and refuses a second; a process that trains several models in different precisions (a
+    notebook, the ablation driver, the LMs of `evaluate` after a bf16 stage in the same kernel) resets it here. Only
+    the precision state is reset: the distributed set-up (process group, ranks) is kept."""
+    from accelerate.state import AcceleratorState
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
 # %% ../nbs/05_train.ipynb #7216b6f1
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Tensor]], train_loader,
         cfg: TrainConfig, out_dir: str | os.PathLike, tracker, lambdas: dict[str, float],
@@ -150,7 +160,9 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], dict[str, torch.Te
     # without cpu=True Accelerate ignores torchrun's WORLD_SIZE on a machine without accelerators;
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step a prepared scheduler once per *process*
     # at every optimizer step, so under N processes warmup + cosine would run N x faster than `cfg.steps` says
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), kwargs_handlers=[ddp],
+    precision = resolve_precision(cfg.mixed_precision)
+    use_precision(precision)
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[ddp],
                               cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     set_seed(cfg.seed, device_specific=True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
