@@ -75,8 +75,11 @@ paper: setup
 	source $(BIN)/activate && bash scripts/paper.sh
 
 # overrides.json: no "get notified about Jupyter news?" prompt (the news and update checks need the internet)
-lab: setup
-	@mkdir -p $(VENV)/share/jupyter/lab/settings && echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $(VENV)/share/jupyter/lab/settings/overrides.json
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+$(LAB_OVERRIDES): $(PY_STAMP)
+	@mkdir -p $(dir $@) && echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $@
+
+lab: setup $(LAB_OVERRIDES)
 	source $(BIN)/activate && jupyter lab --ip 127.0.0.1 --no-browser --allow-root \
 	  --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate nbs
 
