@@ -57,13 +57,16 @@ pretrained: setup
 	git add -A pretrained/default.dvc pretrained/.gitignore pretrained/default.md dvcstore
 	@echo "[pretrained] staged; commit with: git commit -m 'pretrained/default: package of the current dvc.lock'"
 
-# Each test command gets its own empty numba cache: librosa's cache=True gufuncs (pyin) once segfaulted in
-# pytest when loading entries the two parallel nbdev-test workers had written into site-packages (fresh venv).
-# The folder is removed when the command ends (exit status kept).
+# One empty numba cache for the whole test command, filled by ONE process: librosa's cache=True gufuncs (YIN's
+# localmin, pyin) segfault when two processes compile and write the same entry at once (numba issue #10128,
+# open). A segfault at address 0 killed an nbdev-test worker of a fresh-venv CI run with 2 workers (most likely
+# this race; the run had no Python stack), and pytest once crashed loading entries two workers had written.
+# So nbdev-test runs one notebook at a time (about a minute more) and pytest, run after it, finds the entries.
+# PYTHONFAULTHANDLER prints the Python stack of any crash. The folder is removed when the command ends (exit status kept).
 test: setup
 	source $(BIN)/activate && python scripts/check_nbdev.py
-	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && NUMBA_CACHE_DIR=$$d nbdev-test --n-workers 2 --skip-folder-re '^reports$$'
-	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && NUMBA_CACHE_DIR=$$d python -m pytest -q -m "not slow" tests
+	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && export NUMBA_CACHE_DIR=$$d PYTHONFAULTHANDLER=1 && \
+	  nbdev-test --n-workers 1 --skip-folder-re '^reports$$' && python -m pytest -q -m "not slow" tests
 
 # The long tests (pytest -m slow): the paper profile trained for 2 steps per stage end to end (~1 h on 2 CPU cores,
 # ~10 GB RAM), the report notebook, ViSQOL.

@@ -203,13 +203,20 @@ def choose_threads(share: int | None = None, sample_s: float = 0.2) -> int:
     return max(1, free // max(1, share))
 
 _TORCH_START_THREADS = torch.get_num_threads()
+_CHOSEN: dict = {}  # share -> the count set_threads chose from the load: a process samples /proc/stat once per share
 
 def set_threads(share: int | None = None, log: str | None = None) -> int:
     """Set torch's intra-op threads to `choose_threads(share)` unless the user chose (`DUOTOK_THREADS` unset and
-    `OMP_NUM_THREADS` set, or torch's count changed since duotok was imported); returns torch's thread count.
-    `log`: a prefix to print the choice with (e.g. the stage name)."""
-    user = not os.environ.get(THREADS_ENV) and ("OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _TORCH_START_THREADS)
-    if not user: torch.set_num_threads(choose_threads(share))
+    `OMP_NUM_THREADS` set, or torch's count changed since duotok was imported, other than by this function); returns
+    torch's thread count. The load is sampled once per process and `share` (a stage that then loads a tokenizer
+    does not wait another 0.2 s). `log`: a prefix to print the choice with (e.g. the stage name)."""
+    env = os.environ.get(THREADS_ENV)
+    changed = torch.get_num_threads() not in (_TORCH_START_THREADS, *_CHOSEN.values())
+    user = not env and ("OMP_NUM_THREADS" in os.environ or changed)
+    if not user:
+        if env: n = choose_threads(share)
+        else: n = _CHOSEN[share] if share in _CHOSEN else _CHOSEN.setdefault(share, choose_threads(share))
+        torch.set_num_threads(n)
     n = torch.get_num_threads()
     if log: print(f"[{log}] {n} torch thread(s) ({'as set by the user' if user else 'free cores'}, "
                   f"{len(os.sched_getaffinity(0))} core(s) available)", flush=True)
