@@ -408,13 +408,18 @@ class STFTVAE(_WaveVAE):
 
 # %% ../nbs/50_vae.ipynb #6b7b1134
 def f0_features(wav: torch.Tensor, sample_rate: int, hop: int, fmin: float = 50.0, fmax: float = 1000.0,
-                ref_hz: float = 220.0) -> torch.Tensor:
+                ref_hz: float = 220.0, octave_check: float = 0.9) -> torch.Tensor:
     """Pitch of mono waveforms wav (B, L) at `sample_rate`, one value pair per `hop` samples (the latent grid):
     (B, 2, ceil(L / hop)) = [log2(F0 / ref_hz), voicing in [0, 1]].
 
     F0 is YIN (`librosa.yin`, 16 kHz, 64 ms frames) at the centre of each latent frame, median-filtered over 5
     frames (100 ms: YIN's brief octave-down jumps; on 24 val / test vocal segments this raised the agreement with
-    torchcrepe from 0.957 / 0.943 to 0.963 / 0.958); voicing is the normalised autocorrelation of that frame at
+    torchcrepe from 0.957 / 0.943 to 0.963 / 0.958). Longer octave-down runs (YIN takes a multiple of the period when
+    the dip at the period misses its threshold, often on high sung notes) are undone before that filter: while the
+    normalised autocorrelation at half the lag is at least `octave_check` times the one at the lag, F0 doubles (twice at
+    most; 0 = off; on the first 24 non-silent val / test vocal segments of the default corpus the agreement with
+    torchcrepe within 50 cents on its voiced frames rose from 0.969 / 0.942 to 0.980 / 0.972, 0.9 picked on val
+    among 0.85 / 0.9 / 0.95). Voicing is the normalised autocorrelation of that frame at
     the YIN period, mapped 0.3 -> 0, 0.8 -> 1 (0 for frames below -60 dBFS RMS). Where voicing is 0 the log-F0 is interpolated between voiced neighbours (0 if none),
     so the channel stays smooth for a model that has to predict it."""
     import librosa
@@ -429,17 +434,21 @@ def f0_features(wav: torch.Tensor, sample_rate: int, hop: int, fmin: float = 50.
     frame = 1024
     out = torch.zeros(wav.shape[0], 2, T)
     centres = torch.arange(T) * h16 + h16 // 2  # latent frame centres at 16 kHz
+    n = frame // 2
+    def acf(seg, f0):  # normalised autocorrelation of each frame at the lag of its F0
+        lag = (sr16 / f0).round().long().clamp(1, n)
+        x0, x1 = seg[:, :n], seg.gather(1, torch.arange(n)[None] + lag[:, None])
+        return (x0 * x1).sum(1) / ((x0.pow(2).sum(1) * x1.pow(2).sum(1)).sqrt() + 1e-8)
     for b, a in enumerate(x):
         f0 = librosa.yin(a.numpy().astype(np.float64), fmin=fmin, fmax=fmax, sr=sr16, frame_length=frame,
                          hop_length=h16 // 2, center=True)[1::2][:T]  # frames at (2t+1) * h16/2 = centres
-        f0 = np.exp(median_filter(np.log(np.pad(f0, (0, T - len(f0)), mode="edge")), size=5, mode="nearest"))
-        f0 = torch.as_tensor(f0, dtype=torch.float32)
-        padded = F.pad(a, (frame // 2, frame // 2))
-        seg = padded.unfold(0, frame, 1)[centres]  # (T, frame) frames centred on the latent centres
-        lag = (sr16 / f0).round().long().clamp(1, frame // 2)
-        n = frame // 2
-        x0, x1 = seg[:, :n], seg.gather(1, torch.arange(n)[None] + lag[:, None])
-        r = (x0 * x1).sum(1) / ((x0.pow(2).sum(1) * x1.pow(2).sum(1)).sqrt() + 1e-8)
+        f0 = torch.as_tensor(np.pad(f0, (0, T - len(f0)), mode="edge"), dtype=torch.float32)
+        seg = F.pad(a, (frame // 2, frame // 2)).unfold(0, frame, 1)[centres]  # (T, frame) centred on the latent frames
+        for _ in range(2 if octave_check > 0 else 0):  # octave-down errors: prefer half the lag if it fits as well
+            up = (2 * f0 <= fmax) & (acf(seg, 2 * f0) >= octave_check * acf(seg, f0))
+            f0 = torch.where(up, 2 * f0, f0)
+        f0 = torch.as_tensor(np.exp(median_filter(np.log(f0.numpy()), size=5, mode="nearest")), dtype=torch.float32)
+        r = acf(seg, f0)
         v = ((r - 0.3) / 0.5).clamp(0, 1) * (seg.pow(2).mean(1).sqrt() > 1e-3)
         lf = torch.log2(f0 / ref_hz)
         on = (v > 0).numpy()
