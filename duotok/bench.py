@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import load_params
-from .core import busy_cores, choose_threads, is_main
+from .core import busy_cores, free_threads, is_main
 
 # %% auto #0
 __all__ = ['best_time', 'PeakRSS', 'matmul_roofline', 'reference_encoder', 'encoder_speed', 'default_encoder', 'default_decoder',
@@ -166,8 +166,8 @@ class busy_neighbour:
         self.p.kill(); self.p.wait()
 
 def settings(cores: int):
-    "(label, neighbour?, threads or None = choose_threads) of the three thread settings."
-    return [(f"quiet, {cores} thr", False, cores), (f"busy, {cores} thr", True, cores), ("busy, chosen", True, None)]
+    "(label, neighbour?, threads or None = free_threads) of the three thread settings."
+    return [(f"quiet, {cores} thr", False, cores), (f"busy, {cores} thr", True, cores), ("busy, auto", True, None)]
 
 # %% ../nbs/68_bench.ipynb #b6800015
 def _cpu_name() -> str:
@@ -235,12 +235,12 @@ def main(argv=None) -> dict:
     chosen = None
     for label, busy, thr in cols:
         with (busy_neighbour() if busy else _Null()):
-            n_thr = thr if thr is not None else choose_threads(sample_s=0.5)
+            n_thr = thr if thr is not None else free_threads(sample_s=0.5)
             if thr is None: chosen = n_thr
             torch.set_num_threads(n_thr)
             for m, fn in measures: vals[m].append(fn())
     res["chosen_threads"] = chosen
-    print(f"\n## Throughput, quiet and next to a busy neighbour (chosen: {chosen} thread(s); "
+    print(f"\n## Throughput, quiet and next to a busy neighbour (auto: {chosen} thread(s); "
           f"encode {song_s:g} s, decode {dec_s:g} s of audio; peak MB above the inputs in brackets)\n")
     rows = []
     for m, _ in measures:

@@ -263,7 +263,7 @@ def cmd_corpus_validate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="duotok", description="Duo-Tok dual-track music tokenizer")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: $DUOTOK_THREADS, else $OMP_NUM_THREADS, else the free cores)")
+                    help="torch threads (default: $DUOTOK_THREADS (a number, or auto = the free cores), else $OMP_NUM_THREADS, else every core)")
     sub = ap.add_subparsers(dest="command", required=True)
     sep_help = ("separator for mixes: 'builtin' (the package's stage-2 head, default), a stage-2 checkpoint folder, or "
                 "'module:function' / 'file.py:function' taking (mix, sr) and returning (vocals, accompaniment, sr)")

@@ -22,7 +22,8 @@ from torch import nn
 # %% auto #0
 __all__ = ['THREADS_ENV', 'seed_everything', 'freeze', 'assert_frozen', 'count_parameters', 'check_shape', 'atomic_write',
            'atomic_path', 'atomic_write_text', 'atomic_write_json', 'atomic_save_npy', 'git_sha', 'in_notebook',
-           'is_main', 'project_root', 'is_main_process', 'InputError', 'busy_cores', 'choose_threads', 'set_threads']
+           'is_main', 'project_root', 'is_main_process', 'InputError', 'busy_cores', 'free_threads', 'choose_threads',
+           'set_threads']
 
 # %% ../nbs/00_core.ipynb #acaf0cb3
 def seed_everything(seed: int) -> None:
@@ -189,35 +190,52 @@ def busy_cores(sample_s: float = 0.2, cpus=None) -> float:
     except (OSError, ValueError):
         return os.getloadavg()[0]
 
-def choose_threads(share: int | None = None, sample_s: float = 0.2) -> int:
-    """Torch threads for one of `share` processes (default: `LOCAL_WORLD_SIZE`, the processes of a distributed run
-    on this machine, else 1): `DUOTOK_THREADS` if set, else the free cores (affinity minus `busy_cores`, a core
-    counted busy from half its time) divided by `share`; at least 1."""
-    if share is None: share = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    env = os.environ.get(THREADS_ENV, "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1: raise ValueError(f"{THREADS_ENV}={env!r}: give a positive whole number of threads")
-        return int(env)
+def _share(share: int | None) -> int:
+    "`share`, default `LOCAL_WORLD_SIZE` (the processes of a distributed run on this machine) else 1."
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if share is None else int(share))
+
+def free_threads(share: int | None = None, sample_s: float = 0.2) -> int:
+    """The free cores (this process's affinity minus `busy_cores`, a core counted busy from half its time) divided
+    by `share` (default: `LOCAL_WORLD_SIZE`, else 1); at least 1. Depends on the moment's load."""
     cores = len(os.sched_getaffinity(0))
-    free = cores - min(cores, int(busy_cores(sample_s) + 0.5))
-    return max(1, free // max(1, share))
+    return max(1, (cores - min(cores, int(busy_cores(sample_s) + 0.5))) // _share(share))
+
+def choose_threads(share: int | None = None, sample_s: float = 0.2) -> int:
+    """Torch threads for one of `share` processes by `DUOTOK_THREADS`: a number N -> N; `auto` -> `free_threads`
+    (the load decides); unset -> the cores of this process's affinity divided by `share` (default:
+    `LOCAL_WORLD_SIZE`, else 1), at least 1: the same on every run on this machine."""
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env == "auto": return free_threads(share, sample_s)
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"{THREADS_ENV}={env!r}: give a positive whole number of threads or 'auto' (the free cores)")
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) // _share(share))
 
 _TORCH_START_THREADS = torch.get_num_threads()
-_CHOSEN: dict = {}  # share -> the count set_threads chose from the load: a process samples /proc/stat once per share
+_CHOSEN: dict = {}  # share -> the count set_threads chose: `auto` samples /proc/stat once per process and share
 
 def set_threads(share: int | None = None, log: str | None = None) -> int:
     """Set torch's intra-op threads to `choose_threads(share)` unless the user chose (`DUOTOK_THREADS` unset and
     `OMP_NUM_THREADS` set, or torch's count changed since duotok was imported, other than by this function); returns
-    torch's thread count. The load is sampled once per process and `share` (a stage that then loads a tokenizer
-    does not wait another 0.2 s). `log`: a prefix to print the choice with (e.g. the stage name)."""
-    env = os.environ.get(THREADS_ENV)
+    torch's thread count. The choice is made once per process and `share` (with `auto`, a stage that then loads a
+    tokenizer does not sample the load again). `log`: a prefix to print the choice with (e.g. the stage name); then
+    other processes busy on this process's cores are reported, with the `auto` setting that would leave them theirs."""
+    env = os.environ.get(THREADS_ENV, "").strip()
     changed = torch.get_num_threads() not in (_TORCH_START_THREADS, *_CHOSEN.values())
     user = not env and ("OMP_NUM_THREADS" in os.environ or changed)
     if not user:
-        if env: n = choose_threads(share)
+        if env and env != "auto": n = choose_threads(share)
         else: n = _CHOSEN[share] if share in _CHOSEN else _CHOSEN.setdefault(share, choose_threads(share))
         torch.set_num_threads(n)
     n = torch.get_num_threads()
-    if log: print(f"[{log}] {n} torch thread(s) ({'as set by the user' if user else 'free cores'}, "
-                  f"{len(os.sched_getaffinity(0))} core(s) available)", flush=True)
+    if log:
+        how = "as set by the user" if user else ("free cores, DUOTOK_THREADS=auto" if env == "auto" else
+                                                 f"DUOTOK_THREADS={env}" if env else "all cores")
+        print(f"[{log}] {n} torch thread(s) ({how}, {len(os.sched_getaffinity(0))} core(s) available)", flush=True)
+        busy = busy_cores(0.2) if not user and not env else 0.0
+        if busy >= 0.5:
+            print(f"[{log}] other processes keep {busy:.1f} core(s) busy: with {n} thread(s) this stage may run several "
+                  f"times slower; {THREADS_ENV}=auto uses the free cores only (faster, but the thread count then "
+                  f"depends on the load and results differ in their last bits between runs)", flush=True)
     return n

@@ -316,7 +316,7 @@ def stage_main(name: str, run: Callable[[Params, object], dict], argv: list[str]
     try: check_resume(name, params, out, restart=args.restart, write=main)
     except ResumeMismatch as e:
         print(f"[{name}] refusing to resume: {e}", file=sys.stderr); raise SystemExit(2)
-    from duotok.core import set_threads; set_threads(log=name if main else None)   # free cores (issue 20)
+    from duotok.core import set_threads; set_threads(log=name if main else None)   # threads (issue 20): duotok.core.set_threads
     seed_everything(_seed_of(params, name))
     out.mkdir(parents=True, exist_ok=True)
     view, reads = record_reads(params)

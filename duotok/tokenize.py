@@ -361,7 +361,7 @@ def _load_tok(model, device: str, encode_kw: dict, separator):
 
 def _worker_init(model, device, encode_kw, separator, queue, share: int = 1):
     from duotok.core import set_threads
-    set_threads(share)                                     # the free cores split between the `share` workers
+    set_threads(share)                                     # the cores (or DUOTOK_THREADS) split between the `share` workers
     _WORKER.update(tok=_load_tok(model, device, encode_kw, separator), queue=queue)
 
 

@@ -570,8 +570,8 @@ class DuoTok:
 
     @classmethod
     def from_pretrained(cls, dir: str | os.PathLike, device: str = "cpu", **kw) -> "DuoTok":
-        """Load a packaged tokenizer. On the CPU, torch's thread count follows the free cores unless the user chose it
-        (`duotok.core.set_threads`)."""
+        """Load a packaged tokenizer. On the CPU, torch's thread count is set by `duotok.core.set_threads` (every core,
+        or `DUOTOK_THREADS`) unless the user chose it."""
         if device == "cpu":
             from duotok.core import set_threads; set_threads()
         dir = Path(dir)

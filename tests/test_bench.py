@@ -46,9 +46,9 @@ def test_bench_quick_prints_every_table(out):
         v = [number(c) for c in r[2:]]
         assert all(x > 0 for x in v) and abs(v[0] * v[1] - 4.0) < 0.05 * 4.0, r     # s/forward x audio s/s = 4 s
     key, thr = next((k, v) for k, v in t.items() if k.startswith("Throughput"))
-    chosen = int(re.search(r"chosen: (\d+) thread", key).group(1))
+    chosen = int(re.search(r"auto: (\d+) thread", key).group(1))
     assert 1 <= chosen <= len(os.sched_getaffinity(0))
-    assert len(thr[0]) == 4 and thr[0][1].startswith("quiet") and thr[0][2].startswith("busy") and thr[0][3] == "busy, chosen"
+    assert len(thr[0]) == 4 and thr[0][1].startswith("quiet") and thr[0][2].startswith("busy") and thr[0][3] == "busy, auto"
     names = [r[0] for r in thr[1:]]
     assert names == ["encoder toy bf16, audio s/s", "encode API, audio s/s", "decode 20 steps, audio s/s",
                      "decode 4 steps, audio s/s", "ssl step fp32, s", "ssl step bf16 autocast, s"], names

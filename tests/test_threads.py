@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from duotok.core import THREADS_ENV, busy_cores, choose_threads
+from duotok.core import THREADS_ENV, busy_cores, choose_threads, free_threads
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", THREADS_ENV)}
 
@@ -21,7 +21,8 @@ def test_a_busy_neighbour_is_seen_and_left_its_core():
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         assert busy_cores(0.5) >= 0.7
-        assert choose_threads(sample_s=0.5) <= max(1, cores - 1)
+        assert free_threads(sample_s=0.5) <= max(1, cores - 1)
+        assert choose_threads() == cores              # the default does not follow the load: reruns repeat their numbers
     finally:
         hog.kill(); hog.wait()
 
@@ -33,6 +34,8 @@ def test_the_setting_and_the_users_choice_win(monkeypatch):
     # the user's own torch.set_num_threads after importing duotok is kept
     assert threads_in_child("import torch, duotok.core as c; torch.set_num_threads(5); print(c.set_threads())") == "5"
     n = int(threads_in_child("from duotok.core import set_threads; print(set_threads())"))
+    assert n == len(os.sched_getaffinity(0))                                    # default: every core of the affinity
+    n = int(threads_in_child("from duotok.core import set_threads; print(set_threads())", **{THREADS_ENV: "auto"}))
     assert 1 <= n <= len(os.sched_getaffinity(0))
     monkeypatch.setenv(THREADS_ENV, "zero")
     with pytest.raises(ValueError, match=THREADS_ENV):
