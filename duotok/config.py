@@ -79,7 +79,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("*rope_theta", POSITIVE), ("*codebook_size", Range(2, 1 << 24)),
     ("audio.*", AT_LEAST_1),
     # model sizes: bounded above too, so a damaged checkpoint config cannot ask for a model of 10^5 layers
-    ("*layers", Range(1, 256)), ("*heads", Range(1, 256)), ("*harmonics", Range(1, 4096)), ("*codebooks", Range(1, 64)),
+    ("*layers", Range(1, 256)), ("*heads", Range(1, 256)), ("*harmonics", Range(1, 4096)), ("*noise_bands", Range(0, 4096)), ("*codebooks", Range(1, 64)),
     ("*width", SIZE), ("*ffn*", SIZE), ("*hidden*", SIZE), ("*_dim", SIZE), ("*channels", SIZE), ("*n_fft", SIZE),
     ("*_len", Range(1, 1 << 24)), ("*.context", Range(1, 1 << 24)), ("*hop", AT_LEAST_1), ("*ratios", AT_LEAST_1),
     ("*multiples", AT_LEAST_1),
@@ -464,6 +464,7 @@ class VAEConfig:
     frame_hop: int              # stft: STFT hop (samples); must divide audio.vae_hop
     phase: str                  # stft: "free" or "if" (running sum of a predicted instantaneous frequency); harmonic: "noise" too
     harmonics: int              # harmonic: partials k * F0, k = 1..harmonics
+    noise_bands: int            # harmonic + noise phase: the noise branch's log-magnitude in this many bands (0 = per bin)
     encoder_hidden_size: int
     decoder_channels: int
     downsampling_ratios: tuple[int, ...]

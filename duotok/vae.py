@@ -465,18 +465,23 @@ class HarmonicVAE(STFTVAE):
     measured, not learned, and whose decoder adds a harmonic oscillator bank (DDSP, Engel et al. 2020) to the
     inverse STFT: `harmonics` partials at k * F0 with one running phase, amplitudes read from a predicted
     spectral envelope at the partials' frequencies and gated by the voicing channel. The STFT branch
-    (`phase`: "noise" = random phase, i.e. filtered noise; "free"; "if") renders the rest. The other
+    (`phase`: "noise" = random phase, i.e. filtered noise; "free"; "if") renders the rest; with `noise_bands` N > 0
+    the noise branch's log-magnitude is the mean of N equal-width frequency bands, linear between their centres
+    (DDSP's filtered noise has 65 bands), so it cannot draw a narrow peak: left per bin, it learned one at the
+    corpus's usual singing pitch (~475 Hz), which sat under high notes and pulled trackers off them. The other
     `latent_dim - 2` channels are learned as in `STFTVAE`; the KL term skips the two pitch channels."""
 
     fixed = 2
 
     def __init__(self, latent_dim: int = 16, width: int = 128, layers: int = 3, n_fft: int = 1920,
                  frame_hop: int = 480, hop: int = 960, sample_rate: int = 48000, init_scale_bias: float = -5.0,
-                 phase: str = "noise", harmonics: int = 64):
+                 phase: str = "noise", harmonics: int = 64, noise_bands: int = 0):
         super().__init__(latent_dim=latent_dim, width=width, layers=layers, n_fft=n_fft, frame_hop=frame_hop,
                          hop=hop, sample_rate=sample_rate, init_scale_bias=init_scale_bias,
                          phase="free" if phase == "noise" else phase)
-        self.phase, self.harmonics = phase, harmonics
+        if noise_bands and (phase != "noise" or not 0 < noise_bands <= n_fft // 2 + 1):
+            raise ValueError(f"HarmonicVAE: noise_bands={noise_bands} needs phase 'noise' and at most {n_fft // 2 + 1} bands")
+        self.phase, self.harmonics, self.noise_bands = phase, harmonics, noise_bands
         nb = n_fft // 2 + 1
         self.enc_out = nn.Conv1d(width, 2 * (latent_dim - self.fixed), 1)
         with torch.no_grad():
@@ -525,6 +530,10 @@ class HarmonicVAE(STFTVAE):
         h = self._trunk(z)  # (B, frames, W)
         logmag, ph = rearrange(self.dec_out(h), "b t (two f) -> two b f t", two=2)  # STFT branch
         if self.phase == "noise":  # filtered noise; a fixed generator keeps decoding deterministic
+            if self.noise_bands:  # a smooth envelope: the mean log-magnitude of each band, linear between band centres
+                bands = F.adaptive_avg_pool1d(rearrange(logmag, "b f t -> b t f"), self.noise_bands)
+                logmag = rearrange(F.interpolate(bands, size=logmag.shape[1], mode="linear", align_corners=False),
+                                   "b t f -> b f t")
             g = torch.Generator(device="cpu").manual_seed(0)
             ph = (2 * math.pi * torch.rand(logmag.shape[1:], generator=g)).to(logmag).expand_as(logmag)
             spec = torch.polar(torch.exp(logmag.clamp(max=self.max_logmag)), ph)
@@ -611,7 +620,8 @@ def build_vae(cfg: VAEConfig, audio: AudioConfig) -> DuoVAE | STFTVAE | Harmonic
         return PretrainedOobleck(cfg.pretrained, sample_rate=sr, latent_rate=sr / hop)
     if cfg.arch == "harmonic":
         return HarmonicVAE(latent_dim=cfg.latent_dim, width=cfg.width, layers=cfg.layers, n_fft=cfg.n_fft,
-                           frame_hop=cfg.frame_hop, hop=hop, sample_rate=sr, phase=cfg.phase, harmonics=cfg.harmonics)
+                           frame_hop=cfg.frame_hop, hop=hop, sample_rate=sr, phase=cfg.phase, harmonics=cfg.harmonics,
+                           noise_bands=cfg.noise_bands)
     if cfg.arch == "stft":
         return STFTVAE(latent_dim=cfg.latent_dim, width=cfg.width, layers=cfg.layers, n_fft=cfg.n_fft,
                        frame_hop=cfg.frame_hop, hop=hop, sample_rate=sr, phase=cfg.phase)
