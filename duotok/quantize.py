@@ -119,7 +119,7 @@ class SimVQBranch(nn.Module):
         with torch.autocast(h.device.type, enabled=False):
             z = self.proj_in(h.float())                       # (B, T, code_dim)
             zq_st, ids, _ = self.vq(z)                        # library: nearest code + ST / rotation
-            zq = self.codebook[ids]                           # (B, T, code_dim) raw code, grad into W
+            zq = F.embedding(ids, self.codebook)              # (B, T, code_dim) raw code, grad into W (see below)
             commit = self.beta * F.mse_loss(z, zq.detach())
             codebook = F.mse_loss(z.detach(), zq)
             return BranchOutput(self.proj_out(zq_st), ids, commit, codebook, z)
@@ -134,7 +134,7 @@ class SimVQBranch(nn.Module):
         if ids.min() < 0 or ids.max() >= self.codebook_size:
             raise ValueError(f"SimVQBranch: ids must be in [0, {self.codebook_size}), "
                              f"got range [{int(ids.min())}, {int(ids.max())}]")
-        return self.proj_out(self.codebook[ids])
+        return self.proj_out(F.embedding(ids, self.codebook))
 
 # %% ../nbs/40_quantize.ipynb #53635de0
 @dataclass
