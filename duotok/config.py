@@ -529,9 +529,10 @@ class GenerateConfig:           # the `generate` stage (vocal -> accompaniment w
     package: str                # packaged tokenizer folder
     lm: str                     # token LM folder (the evaluate stage's `outputs/evaluate/lm`)
     songs: str                  # folder of song folders holding the test vocals (the render stage's songs)
+    splits: tuple[Literal["train", "val", "test", "shift"], ...]   # splits whose songs are generated for and scored
     max_s: float                # seconds of each test vocal used (0 = whole song)
     n_examples: int             # songs whose audio and spectrograms go into the report
-    max_songs: int              # test songs scored for the conditioning metric (0 = all)
+    max_songs: int              # songs scored for the conditioning metric (0 = all)
     prompt_s: float             # accompaniment prompt from the true accompaniment (0 = none)
     temperature: float
     top_k: int                  # 0 = off

@@ -150,9 +150,17 @@ def bootstrap_ci(x, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[
 def conditioning_metric(vocals: list, generated: list, unconditional: list | None, true_acc: list | None, sr: int,
                         n_boot: int = 2000, seed: int = 0, window_s: float = 2.0) -> tuple[dict[str, float], list[dict]]:
     """(metrics, per-song rows) of the comparison above. All lists hold mono audio at `sr`, one entry per song
-    (`unconditional` / `true_acc` may be None). Metric keys `gen/<local|key>/<own|other|uncond|true>` and
-    `gen/<local|key>/own_minus_<other|uncond>/<mean|lo|hi>`, `gen/n_songs`."""
+    (`unconditional` / `true_acc` may be None). Metric keys `gen/<local|key>/<own|other|uncond|true|true_other>`,
+    `gen/<local|key>/own_minus_<other|uncond>/<mean|lo|hi>`, `gen/<local|key>/true_minus_true_other/<mean|lo|hi>`
+    (the same test on the true accompaniments: what a generator that follows the vocal as the real one does would
+    score, and whether these songs are enough to see it), `gen/n_songs`."""
     N = len(vocals)
+
+    def against_others(accs: list, i: int) -> dict[str, float]:     # mean agreement of the other songs' accs with vocal i
+        others = [chroma_agreement(accs[j], vocals[i], sr, window_s) for j in range(N) if j != i]
+        vals = {k: [o[k] for o in others if math.isfinite(o[k])] for k in ("local", "key")}
+        return {k: float(np.mean(v)) if v else float("nan") for k, v in vals.items()}
+
     rows = []
     for i in range(N):
         r = {"song": i}
@@ -160,19 +168,17 @@ def conditioning_metric(vocals: list, generated: list, unconditional: list | Non
                           ("true", true_acc[i] if true_acc else None)):
             if acc is not None:
                 for k, v in chroma_agreement(acc, vocals[i], sr, window_s).items(): r[f"{k}/{name}"] = v
-        others = [chroma_agreement(generated[j], vocals[i], sr, window_s) for j in range(N) if j != i]
-        for k in ("local", "key"):
-            vals = [o[k] for o in others if math.isfinite(o[k])]
-            r[f"{k}/other"] = float(np.mean(vals)) if vals else float("nan")
+        for name, accs in (("other", generated), ("true_other", true_acc)):
+            if accs: r.update({f"{k}/{name}": v for k, v in against_others(accs, i).items()})
         rows.append(r)
     m = {"gen/n_songs": float(N)}
     for k in ("local", "key"):
-        for name in ("own", "other", "uncond", "true"):
+        for name in ("own", "other", "uncond", "true", "true_other"):
             vals = [r[f"{k}/{name}"] for r in rows if f"{k}/{name}" in r and math.isfinite(r[f"{k}/{name}"])]
             if vals: m[f"gen/{k}/{name}"] = float(np.mean(vals))
-        for ref in ("other", "uncond"):
-            d = [r[f"{k}/own"] - r[f"{k}/{ref}"] for r in rows if f"{k}/{ref}" in r]
+        for name, (a, b) in (("own_minus_other", ("own", "other")), ("own_minus_uncond", ("own", "uncond")),
+                             ("true_minus_true_other", ("true", "true_other"))):
+            d = [r[f"{k}/{a}"] - r[f"{k}/{b}"] for r in rows if f"{k}/{a}" in r and f"{k}/{b}" in r]
             mean, lo, hi = bootstrap_ci(d, n_boot, seed)
-            m.update({f"gen/{k}/own_minus_{ref}/mean": mean, f"gen/{k}/own_minus_{ref}/lo": lo,
-                      f"gen/{k}/own_minus_{ref}/hi": hi})
+            m.update({f"gen/{k}/{name}/mean": mean, f"gen/{k}/{name}/lo": lo, f"gen/{k}/{name}/hi": hi})
     return {k: v for k, v in m.items() if math.isfinite(v)}, rows

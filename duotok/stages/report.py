@@ -99,7 +99,7 @@ def headline_spec() -> list[Row]:
     rows += [Row("code perplexity", name, Ref(key=f"usage/{t}/perplexity"), (), (Ref("uniform use = V", key=f"codebook_size/{t}"),),
                  "higher", where="test tokens") for t, name in tracks]
     rows.append(Row("accompaniment follows its vocal (chroma agreement)", "accompaniment", Ref(source="generate", key="gen/local/own"),
-                    (Ref("other test vocals", "generate", "gen/local/other"), Ref("unconditional LM", "generate", "gen/local/uncond")),
+                    (Ref("other songs' vocals", "generate", "gen/local/other"), Ref("unconditional LM", "generate", "gen/local/uncond")),
                     (Ref("true accompaniment", "generate", "gen/local/true"),), "higher",
                     where="generate stage: 2 s windows of the test vocals"))
     return rows
