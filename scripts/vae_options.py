@@ -52,16 +52,10 @@ OPTIONS: dict[str, tuple[dict, dict, dict]] = {
     # ... with the log-magnitude loss floored at 0.1 (|STFT| of a full-scale sine: 480): the audible part only
     "harm+mag0.1": ({"arch": "harmonic", "phase": "noise", "harmonics": 64}, {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4},
                     {"mag_floor": 0.1}),
-    # harm+mag0.1 (the default) with the noise branch's magnitude as N linear bands (DDSP's filtered noise): it can no
-    # longer draw a narrow peak at the corpus's usual singing pitch (issue 24: a 475 Hz lump under high notes)
-    "harm+mag0.1+bands64": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": 64},
-                            {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}),
-    "harm+mag0.1+bands16": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": 16},
-                            {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}),
-    "harm+mag0.1+bands32": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": 32},
-                            {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}),
-    "harm+mag0.1+bands128": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": 128},
-                             {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}),
+    # harm+mag0.1 with the noise branch's magnitude as N linear bands (DDSP's filtered noise; bands64 is the default): it
+    # can no longer draw a narrow peak at the corpus's usual singing pitch (issue 24: a 475 Hz lump under high notes)
+    **{f"harm+mag0.1+bands{n}": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": n},
+                                 {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}) for n in (16, 32, 64, 128)},
     # harmonic partials + the free-phase STFT branch of `base`, with the floored log-magnitude loss
     "harm+free+mag0.1": ({"arch": "harmonic", "phase": "free", "harmonics": 64},
                          {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}),

@@ -42,7 +42,7 @@ def run(params: Params, tracker, prep_root: str | Path = "outputs/preprocess", o
         if g.sampling_steps > 0 and hasattr(type(tok), "decoder"): tok.decoder.steps = int(g.sampling_steps)
         v2a, cfg = L.load_lm(g.lm, "v2a")
         dual, _ = L.load_lm(g.lm, "dual")
-        srcs = songs if songs is not None else [s for sp in g.splits for s in E.test_songs(g.songs, prep_root, sp)]
+        srcs = songs if songs is not None else [s for sp in dict.fromkeys(g.splits) for s in E.test_songs(g.songs, prep_root, sp)]
         if g.max_songs: srcs = srcs[:g.max_songs]
         if not srcs:
             raise FileNotFoundError(f"generate: no songs of the splits {list(g.splits)} under {g.songs} (split from {prep_root}/manifest.json); "

@@ -101,7 +101,7 @@ def headline_spec() -> list[Row]:
     rows.append(Row("accompaniment follows its vocal (chroma agreement)", "accompaniment", Ref(source="generate", key="gen/local/own"),
                     (Ref("other songs' vocals", "generate", "gen/local/other"), Ref("unconditional LM", "generate", "gen/local/uncond")),
                     (Ref("true accompaniment", "generate", "gen/local/true"),), "higher",
-                    where="generate stage: 2 s windows of the test vocals"))
+                    where="generate stage: 2 s windows of the held-out vocals (generate.splits)"))
     return rows
 
 # %% ../../nbs/64_stage_report.ipynb #4600de52
