@@ -23,6 +23,7 @@ from .core import atomic_write_json, atomic_write_text, git_sha, is_main, seed_e
 
 PLAN = "params/ablate.yaml"
 RUNS = "experiments/ablate/runs"
+RESULTS = "experiments/ablate/results"
 REPORT = "experiments/ablate/ablations.md"
 CHAIN = ("finetune", "codebook", "pre_encode", "decoder", "evaluate")
 KINDS = ("semantic", "acoustic")
@@ -31,9 +32,10 @@ SEED_KEYS = ("finetune.train.seed", "codebook.train.seed", "decoder.train.seed",
              "ablate.acoustic.seed")
 
 # %% auto #0
-__all__ = ['PLAN', 'RUNS', 'REPORT', 'CHAIN', 'KINDS', 'STEP_KEYS', 'SEED_KEYS', 'COLUMNS', 'load_plan', 'scaled_steps',
-           'run_dir', 'run_overrides', 'run_variant', 'stability_score', 'run_row', 'collect', 'summarize', 'compare',
-           'claims', 'pareto_front', 'pareto_plot', 'ablations_markdown', 'estimate', 'table', 'main']
+__all__ = ['PLAN', 'RUNS', 'RESULTS', 'REPORT', 'CHAIN', 'KINDS', 'STEP_KEYS', 'SEED_KEYS', 'COLUMNS', 'REMOVED', 'load_plan',
+           'scaled_steps', 'run_dir', 'result_path', 'run_overrides', 'run_variant', 'write_result', 'stability_score',
+           'run_row', 'collect', 'summarize', 'compare', 'claims', 'removal_claim', 'pareto_front', 'pareto_plot',
+           'ablations_markdown', 'estimate', 'table', 'main']
 
 # %% ../nbs/70_ablations.ipynb #3680bdf7
 def load_plan(path: str | Path = PLAN) -> dict:
@@ -70,6 +72,10 @@ def scaled_steps(raw: dict, scale: float) -> list[str]:
 def run_dir(name: str, seed: int, runs: str | Path = RUNS) -> Path:
     return Path(runs) / f"{name}-s{seed}"
 
+def result_path(name: str, seed: int, results: str | Path = RESULTS) -> Path:
+    "The run's table row (JSON, in git: the report can be rebuilt from a clone without the run folders)."
+    return Path(results) / f"{name}-s{seed}.json"
+
 def run_overrides(plan: dict, name: str, seed: int, runs: str | Path = RUNS, params_file: str | Path = "params.yaml",
                   profile: str | Path | None = None) -> list[str]:
     "Every override of run (`name`, `seed`), in the order they apply."
@@ -92,8 +98,10 @@ def _semantic_steps(params, tracker, rd: Path) -> dict:
                                              eval_dir=rd / "eval")}
 
 def run_variant(name: str, seed: int, plan_path: str | Path = PLAN, runs: str | Path = RUNS,
-                params_file: str | Path = "params.yaml", profile: str | Path | None = None) -> dict:
-    "Run variant `name` with `seed` into `runs/<name>-s<seed>/`; returns its run record."
+                params_file: str | Path = "params.yaml", profile: str | Path | None = None,
+                results: str | Path | None = RESULTS) -> dict:
+    """Run variant `name` with `seed` into `runs/<name>-s<seed>/`; write its table row to `results/<name>-s<seed>.json`
+    (unless `results` is None); returns its run record."""
     from duotok.tracking import NullTracker
     plan = load_plan(plan_path)
     if name not in plan["variants"]: raise ConfigError(f"{plan_path}: no variant {name!r} (variants: {', '.join(plan['variants'])})")
@@ -119,36 +127,55 @@ def run_variant(name: str, seed: int, plan_path: str | Path = PLAN, runs: str | 
         if stage == "decoder":
             for f in (rd / "pre_encode").glob("latents_*.npy"): f.unlink()
     atomic_write_json(rd / "run.json", record)
+    if results is not None: write_result(rd, results)
     return record
 
-# %% ../nbs/70_ablations.ipynb #9fc7ed81
-COLUMNS = (("ppl_dual", "PPL@1024 dual", "lm/dual/overall/ppl_1024"), ("ppl_v2a", "PPL@1024 v2a", "lm/v2a/acc/ppl_1024"),
-           ("mel_vocals", "mel L1 vocals", "recon/vocals/mel_l1"), ("mel_acc", "mel L1 acc", "recon/acc/mel_l1"),
-           ("mel_mix", "mel L1 mix", "recon/mix/mel_l1"), ("usage_vocals", "usage vocals", "usage/vocals/usage"),
-           ("usage_acc", "usage acc", "usage/acc/usage"), ("stability", "stability", None), ("kbps", "kbit/s", "kbps"))
+def write_result(rd: str | Path, results: str | Path = RESULTS) -> Path:
+    "The table row of the finished run in folder `rd` (its `run.json` and `eval/metrics.json`) -> `results/<variant>-s<seed>.json`."
+    import json
+    rd = Path(rd)
+    record = json.loads((rd / "run.json").read_text())
+    row = run_row(record, json.loads((rd / "eval" / "metrics.json").read_text()))
+    path = result_path(record["variant"], record["seed"], results)
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}   # strict JSON: null
+    atomic_write_json(path, {**row, **{k: record[k] for k in ("command", "started") if k in record}})
+    return path
 
+# %% ../nbs/70_ablations.ipynb #9fc7ed81
 def stability_score(m: dict) -> float:
     "Mean token agreement over the test split's perturbations and both tracks (`stability/test/<p>/<track>`); NaN if unmeasured."
     v = [x for k, x in m.items() if k.startswith("stability/test/") and k.rsplit("/", 1)[-1] in ("vocals", "acc")]
     return float(np.mean(v)) if v else float("nan")
+
+def _ratio(num: str, den: str):
+    "metrics -> metrics[num] / metrics[den] (NaN when either is missing)."
+    return lambda m: float(m.get(num, float("nan"))) / float(m.get(den, float("nan")))
+
+COLUMNS = (("ppl_dual", "PPL@1024 dual", "lm/dual/overall/ppl_1024"), ("ppl_v2a", "PPL@1024 v2a", "lm/v2a/acc/ppl_1024"),
+           ("ppl_dual_rel", "dual ÷ unigram", _ratio("lm/dual/overall/ppl_1024", "unigram/overall/ppl_1024")),
+           ("ppl_v2a_rel", "v2a ÷ unigram", _ratio("lm/v2a/acc/ppl_1024", "unigram/acc_tail/ppl_1024")),
+           ("mel_vocals", "mel L1 vocals", "recon/vocals/mel_l1"), ("mel_acc", "mel L1 acc", "recon/acc/mel_l1"),
+           ("mel_mix", "mel L1 mix", "recon/mix/mel_l1"), ("usage_vocals", "usage vocals", "usage/vocals/usage"),
+           ("usage_acc", "usage acc", "usage/acc/usage"), ("stability", "stability", stability_score), ("kbps", "kbit/s", "kbps"))
+"(row key, column title, evaluate metric key or a function of the evaluate metrics)"
 
 def run_row(record: dict, metrics: dict) -> dict:
     "One run's table row from its run record and evaluate metrics."
     row = {"variant": record["variant"], "seed": record["seed"], "git_sha": record.get("git_sha"),
            "wall_s": float(sum(record.get("wall_s", {}).values()))}
     for key, _, metric in COLUMNS:
-        row[key] = stability_score(metrics) if metric is None else float(metrics.get(metric, float("nan")))
+        row[key] = metric(metrics) if callable(metric) else float(metrics.get(metric, float("nan")))
     row["mel_tracks"] = float(np.nanmean([row["mel_vocals"], row["mel_acc"]]))
     return row
 
-def collect(runs: str | Path = RUNS) -> list[dict]:
-    "Rows of every finished run under `runs` (a `run.json` and `eval/metrics.json`)."
+def collect(results: str | Path = RESULTS) -> list[dict]:
+    "The rows of every finished run (`results/<variant>-s<seed>.json`, written by `run_variant`), by variant and seed."
     import json
-    rows = []
-    for rj in sorted(Path(runs).glob("*/run.json")):
-        mf = rj.parent / "eval" / "metrics.json"
-        if mf.exists(): rows.append(run_row(json.loads(rj.read_text()), json.loads(mf.read_text())))
-    return rows
+    rows = [json.loads(p.read_text()) for p in Path(results).glob("*.json")]
+    for r in rows:                                   # null (unmeasured) and columns a row predates read NaN
+        for key in [k for k, _, _ in COLUMNS] + ["mel_tracks", "wall_s"]:
+            r[key] = float("nan") if r.get(key) is None else float(r[key])
+    return sorted(rows, key=lambda r: (r["variant"], r["seed"]))
 
 def summarize(rows: list[dict]) -> dict[str, dict]:
     "variant -> {column: (mean, half-range, n)} over its seeds (NaN values left out)."
@@ -195,12 +222,14 @@ def claims(s: dict) -> list[tuple[str, str, str]]:
     if not missing("duotok", "mix_codebook"):
         d, m = s["duotok"], s["mix_codebook"]
         r = compare(d["ppl_v2a"], m["ppl_v2a"])
-        out.append((claim, f"PPL@1024 v2a {_fmt(d['ppl_v2a'])} (dual) vs {_fmt(m['ppl_v2a'])} (mix)",
+        out.append((claim, f"PPL@1024 v2a {_fmt(d['ppl_v2a'])} (dual) vs {_fmt(m['ppl_v2a'])} (mix codebook applied to each "
+                           f"track); ÷ unigram {_fmt(d['ppl_v2a_rel'])} vs {_fmt(m['ppl_v2a_rel'])}; mel L1 "
+                           f"{_fmt(d['mel_tracks'])} vs {_fmt(m['mel_tracks'])}",
                     {"lower": "supported", "higher": "contradicted: the mix codebook's v2a PPL is lower",
                      "overlap": "inconclusive: the ranges overlap"}.get(r.split(" ")[0], "not measured") +
                     (" (indicative: < 2 seeds)" if "indicative" in r else "")))
     else:
-        out.append((claim, "—", "not measured: no mix single-codebook variant in this study (experiments/ablate/README.md says why)"))
+        out.append((claim, "—", f"not measured (no run of {', '.join(missing('duotok', 'mix_codebook'))})"))
     # 3. semantic vs acoustic
     claim = "Semantic tokens far more predictable than acoustic ones"
     if not missing("duotok", "acoustic_rvq"):
@@ -210,7 +239,8 @@ def claims(s: dict) -> list[tuple[str, str, str]]:
         v = {"lower": f"supported: acoustic PPL {ratio:.2g}x duotok's", "higher": "contradicted: the acoustic tokens are more predictable",
              "overlap": "inconclusive: the ranges overlap"}.get(r.split(" ")[0], "not measured")
         out.append((claim, f"PPL@1024 dual {_fmt(d['ppl_dual'])} (duotok) vs {_fmt(a['ppl_dual'])} (RVQ of the VAE latent, "
-                           f"{_fmt(a['kbps'])} kbit/s vs {_fmt(d['kbps'])}); mel L1 {_fmt(d['mel_tracks'])} vs {_fmt(a['mel_tracks'])}",
+                           f"{_fmt(a['kbps'])} kbit/s vs {_fmt(d['kbps'])}); ÷ unigram {_fmt(d['ppl_dual_rel'])} vs "
+                           f"{_fmt(a['ppl_dual_rel'])}; mel L1 {_fmt(d['mel_tracks'])} vs {_fmt(a['mel_tracks'])}",
                     v + (" (indicative: < 2 seeds)" if "indicative" in r else "")))
     else:
         out.append((claim, "—", "not measured (no acoustic_rvq run)"))
@@ -220,7 +250,37 @@ def claims(s: dict) -> list[tuple[str, str, str]]:
         out.append(("Routing: dual codebooks vs one shared codebook (same size)",
                     f"PPL@1024 v2a {_fmt(d['ppl_v2a'])} vs {_fmt(sh['ppl_v2a'])}; mel L1 {_fmt(d['mel_tracks'])} vs {_fmt(sh['mel_tracks'])}",
                     f"dual vs shared (seed ranges): v2a PPL {compare(d['ppl_v2a'], sh['ppl_v2a'])}, mel L1 {compare(d['mel_tracks'], sh['mel_tracks'])}"))
+    # 5. the other parts of the recipe, each removed in turn
+    for name, part in REMOVED:
+        if not missing("duotok", name): out.append(removal_claim(s["duotok"], s[name], part))
     return out
+
+REMOVED = (("no_stage1", "Stage-1 SSL pre-training"), ("freeze_off", "Progressive freezing in stage 2"),
+           ("asr_head_off", "The stage-2 lyric (ASR) head"), ("mel_head_off", "The stage-2 mel head"),
+           ("chroma_head_off", "The stage-2 chroma head"), ("mss_head_off", "The stage-2 separation (MSS) head"))
+"(variant, the part of the recipe it removes): each gets a row 'X helps the tokens'."
+
+# (key, name, direction in which the method is better: -1 lower is better, +1 higher is better)
+_REMOVAL_METRICS = (("ppl_dual", "PPL@1024 dual", -1), ("ppl_dual_rel", "dual ÷ unigram", -1), ("ppl_v2a", "PPL@1024 v2a", -1),
+                    ("mel_tracks", "mel L1", -1), ("stability", "stability", +1))
+
+def removal_claim(d: dict, o: dict, part: str) -> tuple[str, str, str]:
+    """'<part> helps the tokens': duotok (`d`) vs the variant without it (`o`) on PPL, PPL ÷ unigram, v2a PPL, mel L1
+    and stability; supported where removing it is worse on some metric and better on none (seed ranges apart)."""
+    meas, worse, better = [], [], []
+    for key, name, better_dir in _REMOVAL_METRICS:
+        r = compare(o[key], d[key])                                   # the variant vs the method
+        meas.append(f"{name} {_fmt(d[key])} vs {_fmt(o[key])} without")
+        rel = r.split(" ")[0]
+        if rel in ("lower", "higher"):
+            ((worse if (rel == "higher") == (better_dir < 0) else better)).append(name)
+    ind = any("indicative" in compare(o[k], d[k]) for k, _, _ in _REMOVAL_METRICS)
+    v = ("not measured" if all(compare(o[k], d[k]) == "n/a" for k, _, _ in _REMOVAL_METRICS) else
+         f"supported: without it {', '.join(worse)} worse" if worse and not better else
+         f"contradicted: without it {', '.join(better)} better" if better and not worse else
+         f"mixed: without it {', '.join(worse)} worse, {', '.join(better)} better" if worse else
+         "inconclusive: every range overlaps")
+    return (f"{part} helps the tokens", "; ".join(meas), v + (" (indicative: < 2 seeds)" if ind else ""))
 
 # %% ../nbs/70_ablations.ipynb #29b974fb
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -286,11 +346,11 @@ def estimate(plan: dict, scale: float | None = None) -> dict[str, float]:
     total = len(plan["seeds"]) * (kinds.count("semantic") * sem + kinds.count("acoustic") * aco)
     return {"semantic_run_s": sem, "acoustic_run_s": aco, "total_s": total, "total_h": total / 3600}
 
-def table(runs: str | Path = RUNS, plan_path: str | Path = PLAN, out: str | Path = REPORT, note: str = "") -> Path:
-    "Write the report `out`, its plot beside it (`ablations_pareto.png`) and `ablations.json` (the summary) from the runs."
+def table(results: str | Path = RESULTS, plan_path: str | Path = PLAN, out: str | Path = REPORT, note: str = "") -> Path:
+    "Write the report `out`, its plot beside it (`ablations_pareto.png`) and `ablations.json` (the summary) from the runs' rows."
     import json
-    plan, rows = load_plan(plan_path), collect(runs)
-    if not rows: raise FileNotFoundError(f"no finished run under {runs}")
+    plan, rows = load_plan(plan_path), collect(results)
+    if not rows: raise FileNotFoundError(f"no finished run under {results} (`python -m duotok.ablate run VARIANT SEED` writes them)")
     out = Path(out)
     plot = pareto_plot(summarize(rows), out.with_name("ablations_pareto.png"))
     atomic_write_text(out, ablations_markdown(rows, plan, note, plot.name))
@@ -299,7 +359,7 @@ def table(runs: str | Path = RUNS, plan_path: str | Path = PLAN, out: str | Path
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m duotok.ablate", description="the ablation study (params/ablate.yaml)")
-    ap.add_argument("--plan", default=PLAN); ap.add_argument("--runs", default=RUNS)
+    ap.add_argument("--plan", default=PLAN); ap.add_argument("--runs", default=RUNS); ap.add_argument("--results", default=RESULTS)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run one variant with one seed"); r.add_argument("variant"); r.add_argument("seed", type=int)
     r.add_argument("--params", default="params.yaml"); r.add_argument("--profile", default=None)
@@ -307,8 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--out", default=REPORT); t.add_argument("--note", default="")
     sub.add_parser("estimate", help="predicted wall time of the plan")
     a = ap.parse_args(argv)
-    if a.cmd == "run": run_variant(a.variant, a.seed, a.plan, a.runs, a.params, a.profile)
-    elif a.cmd == "table": print(table(a.runs, a.plan, a.out, a.note))
+    if a.cmd == "run": run_variant(a.variant, a.seed, a.plan, a.runs, a.params, a.profile, a.results)
+    elif a.cmd == "table": print(table(a.results, a.plan, a.out, a.note))
     else:
         e = estimate(load_plan(a.plan))
         print(f"scale {load_plan(a.plan)['scale']}: {e['semantic_run_s']:.0f} s per semantic run, {e['acoustic_run_s']:.0f} s "

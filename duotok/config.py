@@ -559,7 +559,8 @@ class AblateConfig:
     """Knobs of the ablation study (`experiments/ablate`, `duotok.ablate`) that no stage section has. The defaults
     are the method itself; the main chain reads them and behaves as without them."""
     finetune_init: Literal["ssl", "random"]   # stage 2 starts from the stage-1 encoder, or from a random one (no stage 1)
-    routing: Literal["dual", "shared"]        # dual: one codebook per track; shared: both tracks through one codebook
+    routing: Literal["dual", "shared", "mix"] # dual: one codebook per track; shared: both tracks through one codebook;
+                                              # mix: one codebook learned from mixes, then applied to each track
     acoustic: AcousticConfig
 
 

@@ -25,7 +25,7 @@ def _params(name, seed=0):
 
 def test_variants_differ_from_duotok_only_where_they_should():
     base = _params("duotok").flat()
-    want = {"shared_codebook": {"ablate.routing"}, "noise_off": {"finetune.noise.enabled"},
+    want = {"shared_codebook": {"ablate.routing"}, "mix_codebook": {"ablate.routing"}, "noise_off": {"finetune.noise.enabled"},
             "asr_head_off": {"finetune.lambdas.asr/frame"}, "mel_head_off": {"finetune.lambdas.mel/l1"},
             "chroma_head_off": {"finetune.lambdas.chroma/l1"}, "mss_head_off": {"finetune.lambdas.mss/l1"},
             "freeze_off": {"finetune.freeze.enabled"}, "no_stage1": {"ablate.finetune_init"}, "acoustic_rvq": set()}
@@ -50,18 +50,20 @@ def _finetune_model(P):
 
 @pytest.fixture(scope="module")
 def codebooks(tmp_path_factory):
-    "The codebook stage at toy size with routing dual and shared: {routing: (metrics, model, config)}."
+    "The codebook stage at toy size with routing dual, shared and mix: {routing: (metrics, model, config)}."
     from duotok.stages import codebook
+    from duotok.synthetic import mix_segments
     out = {}
-    for routing in ("dual", "shared"):
+    for routing in ("dual", "shared", "mix"):
         P = load_params(ROOT / "params.yaml", ["audio.n_mels=16", "audio.codebook_size=16", "finetune.bottleneck_dim=8",
                                                "codebook.train.steps=6", "codebook.train.batch_size=8",
                                                "codebook.train.warmup_steps=1", "codebook.train.val_every=0",
                                                "codebook.train.ckpt_every=0", f"ablate.routing={routing}"])
         d = tmp_path_factory.mktemp(routing)
         torch.manual_seed(0)
-        met = codebook.run(P, NullTracker(), {"train": stem_segments(24), "val": stem_segments(8, seed=1)},
-                           finetune=_finetune_model(P), out_dir=d)
+        data = ({"train": mix_segments(24, n_mels=16, frames=80), "val": mix_segments(8, n_mels=16, frames=80, seed=1)}
+                if routing == "mix" else {"train": stem_segments(24), "val": stem_segments(8, seed=1)})
+        met = codebook.run(P, NullTracker(), data, finetune=_finetune_model(P), out_dir=d)
         out[routing] = (met, *CodebookModel.from_checkpoint(d))
     return out
 
@@ -78,6 +80,21 @@ def test_shared_codebook_quantizes_both_tracks_with_one_codebook(codebooks):
     ids = shared.quantizer.encode(h, b["label"])
     assert torch.equal(ids, bv.encode(h))                      # accompaniment items get the vocal codebook's codes
     assert cfg["routing"] == "shared" and "routing" not in cfg_dual and cfg["model_id"] != cfg_dual["model_id"]
+
+
+def test_mix_codebook_learns_one_codebook_from_mixes(codebooks):
+    met, mix, cfg = codebooks["mix"]
+    bv, ba = mix.quantizer.branches["vocals"], mix.quantizer.branches["acc"]
+    assert torch.allclose(bv.codebook, ba.codebook)            # one codebook, saved twice: the tokenizer loads it as dual
+    assert cfg["routing"] == "mix" and cfg["model_id"] != codebooks["shared"][2]["model_id"]
+    # trained on mixes only: the vocal branch's usage is measured, there are no accompaniment items to count
+    assert "val/usage/vocals_used_frac" in met and "val/usage/acc_used_frac" not in met
+    assert met["steps"] == 6 and met["check/no_nan"]
+    # the stems are then tokenized with that one codebook, as a mix tokenizer is used for dual-track LMs
+    from duotok.models.codebook import dual_batch
+    b = dual_batch(torch.utils.data.default_collate(stem_segments(4, seed=2)))
+    h = mix.encoder.lower(b["mel"])
+    assert torch.equal(mix.quantizer.encode(h, b["label"]), bv.encode(h))
 
 
 def test_noise_off_and_random_init_change_the_stage2_model():
@@ -110,14 +127,17 @@ def test_acoustic_codec_has_duotoks_bitrate_and_one_stream_per_track():
     assert codec.bits_per_second == 2 * P.audio.token_rate * np.log2(P.audio.codebook_size)   # duotok's bitrate
 
 
-def _fake_run(root, name, seed, ppl, mel, sha="f00d"):
+def _fake_run(root, name, seed, ppl, mel, sha="f00d", results=None):
+    "A finished run's folder (run.json, eval/metrics.json) and, as `run_variant` ends, its row in `results`."
     rd = A.run_dir(name, seed, root)
     (rd / "eval").mkdir(parents=True)
     (rd / "run.json").write_text(json.dumps({"variant": name, "seed": seed, "git_sha": sha, "wall_s": {"evaluate": 10.0}}))
     m = {"lm/dual/overall/ppl_1024": ppl, "lm/v2a/acc/ppl_1024": ppl * 0.8, "recon/vocals/mel_l1": mel,
          "recon/acc/mel_l1": mel, "recon/mix/mel_l1": mel, "usage/vocals/usage": 0.9, "usage/acc/usage": 0.8, "kbps": 0.4,
-         "stability/test/gain_3db/vocals": 1.0, "stability/test/noise_30db/acc": 0.5, "stability/test/noise_30db/acc_active": 0.0}
+         "stability/test/gain_3db/vocals": 1.0, "stability/test/noise_30db/acc": 0.5, "stability/test/noise_30db/acc_active": 0.0,
+         "unigram/overall/ppl_1024": 4 * ppl, "unigram/acc_tail/ppl_1024": 2 * ppl}
     (rd / "eval" / "metrics.json").write_text(json.dumps(m))
+    return A.write_result(rd, results if results is not None else root.parent / "results")
 
 
 def test_report_from_fake_runs(tmp_path):
@@ -127,11 +147,20 @@ def test_report_from_fake_runs(tmp_path):
         _fake_run(runs, "noise_off", seed, op, 1.5 + 0.01 * seed)
         _fake_run(runs, "acoustic_rvq", seed, ap, 2.5)
     _fake_run(runs, "shared_codebook", 0, 60.0, 1.6)
-    out = A.table(runs, ROOT / A.PLAN, tmp_path / "ablations.md", note="FAKE METRICS")
+    # a row written before the unigram columns existed (an older study's) still reads, as n/a there
+    old = json.loads(_fake_run(runs, "freeze_off", 0, 70.0, 1.7).read_text())
+    for k in ("ppl_dual_rel", "ppl_v2a_rel"): old.pop(k)
+    (tmp_path / "results" / "freeze_off-s0.json").write_text(json.dumps(old))
+    import shutil
+    shutil.rmtree(runs)                                        # the report needs only the rows (in git), not the run folders
+    out = A.table(tmp_path / "results", ROOT / A.PLAN, tmp_path / "ablations.md", note="FAKE METRICS")
     md = out.read_text()
     assert (tmp_path / "ablations_pareto.png").stat().st_size > 1000
     row = next(l for l in md.splitlines() if l.startswith("| duotok |") and "±" in l)
     assert "| 52 ± 2 |" in row and "| 0.75 ± 0 |" in row           # PPL mean ± half-range; stability (1.0 + 0.5) / 2
+    assert "| 0.25 ± 0 | 0.4 ± 0 |" in row                          # ÷ unigram: dual 1/4, v2a 0.8/2
+    frz = next(l for l in md.splitlines() if l.startswith("| freeze_off |") and "seed" in l)
+    assert "| 70 (1 seed) | 56 (1 seed) | n/a | n/a |" in frz, frz
     assert "supported" in next(l for l in md.splitlines() if l.startswith("| Noise lowers PPL"))
     assert "supported: acoustic PPL 7.9x" in md
     assert "not measured" in next(l for l in md.splitlines() if l.startswith("| Dual codebooks beat a mix"))

@@ -26,15 +26,26 @@ from ..quantize import TRACKS, DualCodebook, DualQuantOutput, build_quantizer
 
 FIELDS = ["mel_vocals", "mel_acc", "chroma_vocals", "chroma_acc", "lyric_ids", "lyric_len", "lyric_frames", "segment", "song"]
 "The `SegmentDataset` fields stage 3 reads."
+MIX_FIELDS = ["mel_mix", "chroma_mix", "lyric_ids", "lyric_len", "lyric_frames", "segment", "song"]
+"The fields stage 3 reads when its one codebook learns from mixes (the ablation `ablate.routing: mix`)."
 
 # %% auto #0
-__all__ = ['FIELDS', 'dual_batch', 'CodebookHeads', 'CodebookOutput', 'CodebookModel', 'model_from_finetune', 'share_codebook',
-           'is_shared', 'LowerCache', 'init_codebooks', 'codebook_validate', 'codebook_lyric_logprobs',
-           'FrozenSnapshot', 'codebook_checks']
+__all__ = ['FIELDS', 'MIX_FIELDS', 'dual_batch', 'CodebookHeads', 'CodebookOutput', 'CodebookModel', 'model_from_finetune',
+           'share_codebook', 'is_shared', 'LowerCache', 'init_codebooks', 'codebook_validate',
+           'codebook_lyric_logprobs', 'FrozenSnapshot', 'codebook_checks']
 
 # %% ../../nbs/41_codebook_model.ipynb #e93ced38
 def dual_batch(batch: dict) -> dict:
-    "(B segments) -> dict of 2B items: mel, chroma, lyric_ids, lyric_len, label (+ h, lyric_frames when present)."
+    """(B segments) -> dict of 2B items: mel, chroma, lyric_ids, lyric_len, label (+ h, lyric_frames when present).
+    A batch of mixes (`MIX_FIELDS`: `mel_mix`, `chroma_mix`, ...; the ablation `ablate.routing: mix`) gives its B mix
+    items instead, all with label 0 (the one codebook) and the song's lyrics as their target."""
+    if "mel_mix" in batch:
+        B = torch.as_tensor(batch["mel_mix"]).shape[0]
+        extra = {"h": torch.as_tensor(batch["h_mix"]).float()} if "h_mix" in batch else {}
+        if "lyric_frames" in batch: extra["lyric_frames"] = torch.as_tensor(batch["lyric_frames"]).long()
+        return {**extra, "mel": torch.as_tensor(batch["mel_mix"]).float(), "chroma": torch.as_tensor(batch["chroma_mix"]).float(),
+                "lyric_ids": torch.as_tensor(batch["lyric_ids"]).long(),
+                "lyric_len": torch.as_tensor(batch["lyric_len"]).long().reshape(B), "label": torch.zeros(B, dtype=torch.long)}
     mv, ma = torch.as_tensor(batch["mel_vocals"]), torch.as_tensor(batch["mel_acc"])
     if mv.shape != ma.shape:
         raise ValueError(f"dual_batch: mel_vocals {tuple(mv.shape)} and mel_acc {tuple(ma.shape)} differ")
@@ -206,24 +217,24 @@ def is_shared(quantizer: DualCodebook) -> bool:
 
 # %% ../../nbs/41_codebook_model.ipynb #4e83964e
 class LowerCache(torch.utils.data.Dataset):
-    "Wraps a dataset of fixed items (the grid); items gain `h_vocals`, `h_acc` (T, D): the frozen lower half's outputs."
+    """Wraps a dataset of fixed items (the grid); items gain the frozen lower half's outputs (T, D) of each mel they
+    hold: `h_vocals`, `h_acc` (stems) or `h_mix` (a mix dataset, `MIX_FIELDS`)."""
 
     def __init__(self, dataset, encoder: nn.Module, batch_size: int = 32):
         self.dataset = dataset
-        hv, ha = [], []
+        self.names = [n for n in ("vocals", "acc", "mix") if f"mel_{n}" in dataset[0]] if len(dataset) else []
+        hs: dict[str, list] = {n: [] for n in self.names}
         with torch.no_grad():
             for s in range(0, len(dataset), batch_size):
                 items = [dataset[i] for i in range(s, min(len(dataset), s + batch_size))]
-                mv = torch.stack([torch.as_tensor(np.asarray(it["mel_vocals"])) for it in items]).float()
-                ma = torch.stack([torch.as_tensor(np.asarray(it["mel_acc"])) for it in items]).float()
-                h = encoder.lower(torch.cat([mv, ma]))
-                hv.append(h[:len(items)]); ha.append(h[len(items):])
-        self.h_vocals, self.h_acc = torch.cat(hv), torch.cat(ha)
+                mels = [torch.stack([torch.as_tensor(np.asarray(it[f"mel_{n}"])) for it in items]).float() for n in self.names]
+                for n, h in zip(self.names, encoder.lower(torch.cat(mels)).split(len(items))): hs[n].append(h)
+        self.h = {f"h_{n}": torch.cat(v) for n, v in hs.items()}
 
     def __len__(self) -> int: return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.dataset[i], "h_vocals": self.h_vocals[i], "h_acc": self.h_acc[i]}
+        return {**self.dataset[i], **{k: v[i] for k, v in self.h.items()}}
 
 
 @torch.no_grad()
@@ -271,6 +282,7 @@ def codebook_validate(model: CodebookModel, loader, max_batches: int | None = No
         model.train(was)
     m = {k: v / max(n, 1) for k, v in sums.items()}
     for t, K in zip(TRACKS, model.quantizer.codebook_sizes):
+        if not sum(len(x) for x in ids[t]): continue             # no items of this track (mix batches: all label 0)
         u = code_usage(torch.cat(ids[t]), K)
         m.update({f"usage/{t}_used_frac": u.usage, f"usage/{t}_perplexity": u.perplexity,
                   f"usage/{t}_dead": float(K - u.used), f"usage/{t}_n_tokens": float(u.counts.sum())})
@@ -327,6 +339,6 @@ def codebook_checks(val: dict, train: dict, frozen_changes: list[str]) -> dict[s
     "The stage's acceptance checks from its val / train metrics and the `FrozenSnapshot.changes` after training."
     finite = all(math.isfinite(x) for x in list(val.values()) + list(train.values()) if isinstance(x, float))
     return {"check/no_nan": bool(finite), "check/frozen_unchanged": not frozen_changes,
-            "check/usage_ge_80pct": bool(min(val.get(f"usage/{t}_used_frac", 0.0) for t in TRACKS) >= 0.8),
+            "check/usage_ge_80pct": bool(min([val[k] for t in TRACKS if (k := f"usage/{t}_used_frac") in val] or [0.0]) >= 0.8),
             "check/heads_beat_baselines": bool(val.get("mel/l1_over_baseline", 9) < 1 and val.get("chroma/l1_over_baseline", 9) < 1),
             "check/ctc_beats_baselines": bool(val.get("asr/cer_over_baseline", 9) < 1)}

@@ -12,7 +12,7 @@ from ..distributed import objective_loss, on_rank0
 from ..features import FeatureLoader, Featurized
 from ..heads import fit_blank_bias
 from ..models.codebook import (FIELDS, FrozenSnapshot, LowerCache, codebook_checks, codebook_lyric_logprobs,
-                                    codebook_validate, dual_batch, init_codebooks, model_from_finetune,
+                                    MIX_FIELDS, codebook_validate, dual_batch, init_codebooks, model_from_finetune,
                                     share_codebook)
 from ..models.finetune import FinetuneModel
 from ..stage import is_main, stage_main
@@ -28,12 +28,13 @@ def run(params: Params, tracker, data: dict | None = None, finetune: FinetuneMod
     index (random `data.crop_s` crops of the train songs, augmented; the val and train grids). `finetune` (tests): a
     stage-2 model; default: rebuilt from `finetune_dir`."""
     c, t, d = params.codebook, params.codebook.train, params.data
-    data = data or load_splits(FIELDS, crop_s=d.crop_s, seed=t.seed, augment=d.augment,
-                               max_eval=d.max_eval_segments)
+    routing = params.ablate.routing
+    data = data or load_splits(MIX_FIELDS if routing == "mix" else FIELDS, crop_s=d.crop_s, seed=t.seed,
+                               augment=d.augment, max_eval=d.max_eval_segments)
     model = model_from_finetune(finetune if finetune is not None else FinetuneModel.from_checkpoint(finetune_dir),
                                 c, params.audio)
-    shared = params.ablate.routing == "shared"
-    if shared: share_codebook(model.quantizer)              # ablation: one codebook for both tracks
+    shared = routing in ("shared", "mix")
+    if shared: share_codebook(model.quantizer)              # ablations: one codebook for both tracks (learned from mixes: mix)
     col, feats = data.get("collate"), data.get("features")
     train_ds, val_ds, grid = data["train"], data["val"], data.get("train_grid", data["train"])
     if c.cache_lower:                                       # fixed grid items only: random crops change every epoch
@@ -61,7 +62,7 @@ def run(params: Params, tracker, data: dict | None = None, finetune: FinetuneMod
         model.eval()
         changes = snapshot.changes(model)
         if changes: print(f"[codebook] the frozen part changed during training: {changes[:5]}")
-        config = model.checkpoint_config(asr_blank_bias=bias, **({"routing": "shared"} if shared else {}))
+        config = model.checkpoint_config(asr_blank_bias=bias, **({"routing": routing} if shared else {}))
         save_checkpoint(out_dir, model, config)
         k = model.quantizer.codebook_sizes
         m = {"steps": res.step, "resumed_from": res.resumed_from, "model_id": config["model_id"], "codebook_sizes": list(k),
