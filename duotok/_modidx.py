@@ -5,6 +5,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'duotok.ablate._ratio': ('ablations.html#_ratio', 'duotok/ablate.py'),
                                'duotok.ablate._section': ('ablations.html#_section', 'duotok/ablate.py'),
                                'duotok.ablate._semantic_steps': ('ablations.html#_semantic_steps', 'duotok/ablate.py'),
+                               'duotok.ablate._unigram_note': ('ablations.html#_unigram_note', 'duotok/ablate.py'),
                                'duotok.ablate.ablations_markdown': ('ablations.html#ablations_markdown', 'duotok/ablate.py'),
                                'duotok.ablate.claims': ('ablations.html#claims', 'duotok/ablate.py'),
                                'duotok.ablate.collect': ('ablations.html#collect', 'duotok/ablate.py'),

@@ -200,6 +200,11 @@ def compare(a: tuple, b: tuple) -> str:
     rel = "lower" if a[0] + a[1] < b[0] - b[1] else "higher" if a[0] - a[1] > b[0] + b[1] else "overlap"
     return rel + (" (indicative)" if min(a[2], b[2]) < 2 else "")
 
+def _unigram_note(d: dict, o: dict, key: str) -> str:
+    "'; relative to the unigram: <duotok lower | higher | overlap>' (or '' when unmeasured): the verdict without the code-frequency part."
+    r = compare(d[key], o[key])
+    return "" if r == "n/a" else f"; relative to the unigram, duotok's is {r.replace('overlap', 'within the seed range')}"
+
 def claims(s: dict) -> list[tuple[str, str, str]]:
     "(claim, what was measured, verdict) for the paper's claims, from a `summarize` result."
     out = []
@@ -227,7 +232,7 @@ def claims(s: dict) -> list[tuple[str, str, str]]:
                            f"{_fmt(d['mel_tracks'])} vs {_fmt(m['mel_tracks'])}",
                     {"lower": "supported", "higher": "contradicted: the mix codebook's v2a PPL is lower",
                      "overlap": "inconclusive: the ranges overlap"}.get(r.split(" ")[0], "not measured") +
-                    (" (indicative: < 2 seeds)" if "indicative" in r else "")))
+                    (" (indicative: < 2 seeds)" if "indicative" in r else "") + _unigram_note(d, m, "ppl_v2a_rel")))
     else:
         out.append((claim, "—", f"not measured (no run of {', '.join(missing('duotok', 'mix_codebook'))})"))
     # 3. semantic vs acoustic
@@ -241,7 +246,7 @@ def claims(s: dict) -> list[tuple[str, str, str]]:
         out.append((claim, f"PPL@1024 dual {_fmt(d['ppl_dual'])} (duotok) vs {_fmt(a['ppl_dual'])} (RVQ of the VAE latent, "
                            f"{_fmt(a['kbps'])} kbit/s vs {_fmt(d['kbps'])}); ÷ unigram {_fmt(d['ppl_dual_rel'])} vs "
                            f"{_fmt(a['ppl_dual_rel'])}; mel L1 {_fmt(d['mel_tracks'])} vs {_fmt(a['mel_tracks'])}",
-                    v + (" (indicative: < 2 seeds)" if "indicative" in r else "")))
+                    v + (" (indicative: < 2 seeds)" if "indicative" in r else "") + _unigram_note(d, a, "ppl_dual_rel")))
     else:
         out.append((claim, "—", "not measured (no acoustic_rvq run)"))
     # 4. routing (not a paper claim by itself: the design choice behind claim 2)
@@ -249,7 +254,8 @@ def claims(s: dict) -> list[tuple[str, str, str]]:
         d, sh = s["duotok"], s["shared_codebook"]
         out.append(("Routing: dual codebooks vs one shared codebook (same size)",
                     f"PPL@1024 v2a {_fmt(d['ppl_v2a'])} vs {_fmt(sh['ppl_v2a'])}; mel L1 {_fmt(d['mel_tracks'])} vs {_fmt(sh['mel_tracks'])}",
-                    f"dual vs shared (seed ranges): v2a PPL {compare(d['ppl_v2a'], sh['ppl_v2a'])}, mel L1 {compare(d['mel_tracks'], sh['mel_tracks'])}"))
+                    f"dual vs shared (seed ranges): v2a PPL {compare(d['ppl_v2a'], sh['ppl_v2a'])}, mel L1 "
+                    f"{compare(d['mel_tracks'], sh['mel_tracks'])}" + _unigram_note(d, sh, "ppl_v2a_rel")))
     # 5. the other parts of the recipe, each removed in turn
     for name, part in REMOVED:
         if not missing("duotok", name): out.append(removal_claim(s["duotok"], s[name], part))
