@@ -300,16 +300,17 @@ def pareto_plot(s: dict, path: str | Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     pts = {n: (v["mel_tracks"][0], v["ppl_dual"][0]) for n, v in s.items()}
-    for n, v in s.items():
-        ax.errorbar(v["mel_tracks"][0], v["ppl_dual"][0], xerr=v["mel_tracks"][1], yerr=v["ppl_dual"][1], fmt="o", capsize=3)
-        ax.annotate(n, pts[n], textcoords="offset points", xytext=(4, 4), fontsize=8)
+    markers = "osD^vP*Xh<>p"
+    for i, (n, v) in enumerate(s.items()):                  # a legend, not labels: close variants would overprint
+        ax.errorbar(v["mel_tracks"][0], v["ppl_dual"][0], xerr=v["mel_tracks"][1], yerr=v["ppl_dual"][1],
+                    fmt=markers[i % len(markers)], ms=7, capsize=3, label=n, color=plt.get_cmap("tab20")(i % 20))
     front = pareto_front(pts)
     if len(front) > 1: ax.plot(*zip(*[pts[n] for n in front]), "k--", lw=0.8, label="Pareto front")
     ax.set_xlabel("mel L1 (mean of vocals, acc; lower = better)"); ax.set_ylabel("PPL@1024, dual LM (lower = better)")
     ax.set_title("Same-data variants: predictability vs reconstruction"); ax.grid(alpha=.3)
-    if len(front) > 1: ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
     return path
