@@ -171,7 +171,10 @@ def run_row(record: dict, metrics: dict) -> dict:
 def collect(results: str | Path = RESULTS) -> list[dict]:
     "The rows of every finished run (`results/<variant>-s<seed>.json`, written by `run_variant`), by variant and seed."
     import json
-    rows = [json.loads(p.read_text()) for p in Path(results).glob("*.json")]
+    rows = []
+    for p in Path(results).glob("*.json"):
+        try: rows.append(json.loads(p.read_text()))
+        except json.JSONDecodeError as e: raise ValueError(f"{p}: not a run row ({e}); re-run that entry or delete the file") from e
     for r in rows:                                   # null (unmeasured) and columns a row predates read NaN
         for key in [k for k, _, _ in COLUMNS] + ["mel_tracks", "wall_s"]:
             r[key] = float("nan") if r.get(key) is None else float(r[key])
@@ -273,15 +276,14 @@ _REMOVAL_METRICS = (("ppl_dual", "PPL@1024 dual", -1), ("ppl_dual_rel", "dual ÷
 def removal_claim(d: dict, o: dict, part: str) -> tuple[str, str, str]:
     """'<part> helps the tokens': duotok (`d`) vs the variant without it (`o`) on PPL, PPL ÷ unigram, v2a PPL, mel L1
     and stability; supported where removing it is worse on some metric and better on none (seed ranges apart)."""
-    meas, worse, better = [], [], []
-    for key, name, better_dir in _REMOVAL_METRICS:
-        r = compare(o[key], d[key])                                   # the variant vs the method
-        meas.append(f"{name} {_fmt(d[key])} vs {_fmt(o[key])} without")
+    rels = [compare(o[key], d[key]) for key, _, _ in _REMOVAL_METRICS]      # the variant vs the method
+    meas = [f"{name} {_fmt(d[key])} vs {_fmt(o[key])} without" for key, name, _ in _REMOVAL_METRICS]
+    worse, better = [], []
+    for (_, name, better_dir), r in zip(_REMOVAL_METRICS, rels):
         rel = r.split(" ")[0]
-        if rel in ("lower", "higher"):
-            ((worse if (rel == "higher") == (better_dir < 0) else better)).append(name)
-    ind = any("indicative" in compare(o[k], d[k]) for k, _, _ in _REMOVAL_METRICS)
-    v = ("not measured" if all(compare(o[k], d[k]) == "n/a" for k, _, _ in _REMOVAL_METRICS) else
+        if rel in ("lower", "higher"): (worse if (rel == "higher") == (better_dir < 0) else better).append(name)
+    ind = any("indicative" in r for r in rels)
+    v = ("not measured" if all(r == "n/a" for r in rels) else
          f"supported: without it {', '.join(worse)} worse" if worse and not better else
          f"contradicted: without it {', '.join(better)} better" if better and not worse else
          f"mixed: without it {', '.join(worse)} worse, {', '.join(better)} better" if worse else
@@ -366,13 +368,17 @@ def table(results: str | Path = RESULTS, plan_path: str | Path = PLAN, out: str 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m duotok.ablate", description="the ablation study (params/ablate.yaml)")
-    ap.add_argument("--plan", default=PLAN); ap.add_argument("--runs", default=RUNS); ap.add_argument("--results", default=RESULTS)
+    shared = argparse.ArgumentParser(add_help=False)          # accepted before or after the subcommand
+    for p, default in ((ap, None), (shared, argparse.SUPPRESS)):
+        p.add_argument("--plan", default=default or PLAN); p.add_argument("--runs", default=default or RUNS)
+        p.add_argument("--results", default=default or RESULTS)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run one variant with one seed"); r.add_argument("variant"); r.add_argument("seed", type=int)
+    r = sub.add_parser("run", help="run one variant with one seed", parents=[shared])
+    r.add_argument("variant"); r.add_argument("seed", type=int)
     r.add_argument("--params", default="params.yaml"); r.add_argument("--profile", default=None)
-    t = sub.add_parser("table", help="write the report from the finished runs")
+    t = sub.add_parser("table", help="write the report from the finished runs", parents=[shared])
     t.add_argument("--out", default=REPORT); t.add_argument("--note", default="")
-    sub.add_parser("estimate", help="predicted wall time of the plan")
+    sub.add_parser("estimate", help="predicted wall time of the plan", parents=[shared])
     a = ap.parse_args(argv)
     if a.cmd == "run": run_variant(a.variant, a.seed, a.plan, a.runs, a.params, a.profile, a.results)
     elif a.cmd == "table": print(table(a.results, a.plan, a.out, a.note))
