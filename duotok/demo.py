@@ -61,17 +61,19 @@ HEADLINE = [
 
 def stage_budget(lock: dict, params: dict, outputs: str | Path = "outputs") -> list[dict]:
     """One row per trained stage: steps, batch size, learning rate (from `dvc.lock`'s params of the stage, else
-    `params.yaml`), wall time `train_s` (the stage's `metrics.json`) and the md5 of its output in `dvc.lock`."""
+    `params.yaml`), wall time `train_s` (the `timings` of the stage's run record `outputs/.runs/<stage>.json`: a
+    duration is run metadata, not in the stage's DVC outputs; None when not recorded) and the md5 of its output in
+    `dvc.lock`."""
     rows = []
     for st in TRAINED:
         s = lock.get("stages", {}).get(st, {})
         used = s.get("params", {}).get("params.yaml", {})
         train = used.get(f"{st}.train") or _get(used, f"{st}.train") or _get(used.get(st, {}), "train") \
             or _get(params, f"{st}.train") or {}
-        m = _json(Path(outputs) / st / "metrics.json")
+        timings = _json(Path(outputs) / ".runs" / f"{st}.json").get("timings") or {}
         outs = {o["path"]: o.get("md5") for o in s.get("outs", [])}
         rows.append(dict(stage=st, steps=train.get("steps"), batch_size=train.get("batch_size"), lr=train.get("lr"),
-                         train_s=m.get("train_s"), md5=outs.get(f"outputs/{st}")))
+                         train_s=timings.get("train_s"), md5=outs.get(f"outputs/{st}")))
     return rows
 
 
@@ -107,7 +109,7 @@ def model_card(tokenizer: dict, corpus: dict, budget: list[dict], metrics: dict,
               f"- languages (songs): {langs}", ""]
     else:
         L += ["(no corpus summary found: outputs/preprocess/metrics.json)", ""]
-    L += ["## Training budget", "", "Settings from `dvc.lock` (what the run used); wall time from the stage's metrics.json where it records one.", "",
+    L += ["## Training budget", "", "Settings from `dvc.lock` (what the run used); wall time from the stage's run record (`outputs/.runs/<stage>.json`) where it records one.", "",
           "| stage | steps | batch | lr | training wall time (s) | output md5 (dvc.lock) |", "|---|---|---|---|---|---|"]
     for r in budget:
         L.append(f"| {r['stage']} | {_fmt(r['steps'])} | {_fmt(r['batch_size'])} | {_fmt(r['lr'])} | "

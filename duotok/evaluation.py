@@ -162,7 +162,9 @@ def reconstruction_part(tok, items: list[dict], sr: int, pitch_segments: int = 0
                         n_examples: int = 2, asr=None, asr_segments: int = 0, vocab: list[str] | None = None,
                         visqol_segments: int = 0) -> tuple[dict, list[dict], dict]:
     """Encode + decode each item with `tok` (a `DuoTok`); returns (summary metrics `recon/<track>/<metric>`,
-    per-segment rows, tokens `{'vocals': (N, T), 'acc': (N, T)}`). Writes the first `n_examples` originals and
+    per-segment rows, tokens `{'vocals': (N, T), 'acc': (N, T)}`). The summary also has the wall-clock seconds
+    `recon/encode_s` and `recon/decode_s`: durations, which the evaluate stage moves to `tracker.log_time` (the run
+    record), out of its metrics files. Writes the first `n_examples` originals and
     reconstructions to `out_dir/examples/` when given. With an `asr` model (`metrics.load_asr`), the first
     `asr_segments` non-silent vocals with a known lyric are transcribed (original and decoded): `recon/lyrics/*` are
     corpus WER/CER of the decoded vocal against the lyric (`wer`, `cer`), of the original against the lyric (the ASR's
@@ -248,10 +250,7 @@ def mix_part(tok, items: list[dict]) -> tuple[dict[str, float], list[str]]:
         return {}, ["mixes in: not measured (no test segments with 24 kHz mix and stems)"]
     a = tok.encoder.audio
     vi, sr = list(a.stems).index("vocals"), int(a.encoder_sample_rate)
-    t0 = time.time()
-    m = {**separation_metrics(sep, items, sr, vi), **mix_token_agreement(tok, items, sep, sr, vi)}
-    m["mix_s"] = round(time.time() - t0, 1)
-    return m, []
+    return {**separation_metrics(sep, items, sr, vi), **mix_token_agreement(tok, items, sep, sr, vi)}, []
 
 # %% ../nbs/62_evaluation.ipynb #65f7cfe2
 def generate_example(model, test, prompt: int, temperature: float, top_k: int, seed: int, tok, out_dir: Path | None = None) -> dict[str, float]:

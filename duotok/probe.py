@@ -3,7 +3,6 @@
 # %% ../nbs/22_probe.ipynb #538679d7
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,8 +285,8 @@ def probe_ssl(ssl_dir: str | Path = "outputs/ssl", data_root: str | Path = "outp
     layer (default: the bottleneck, `lower_layers - 1`), all labels, fit on train, scored on val.
     `input_reference` adds the probe on the stacked standardised input mel (`probe/<label>/input`).
     `diff_lo`/`diff_hi`: 90 % paired bootstrap interval over val songs of trained - random accuracy.
-    Returns {'probe/<label>/{trained,random,majority,diff_lo,diff_hi[,input]}', 'probe/layer', 'probe/seconds'}."""
-    t0 = time.perf_counter()
+    Returns {'probe/<label>/{trained,random,majority,diff_lo,diff_hi[,input]}', 'probe/layer'}: results only (the
+    ssl stage logs the probe's duration with `tracker.log_time`, in the run record rather than metrics.json)."""
     if encoder is None:
         from duotok.models.encoder import load_encoder
         encoder = load_encoder(ssl_dir)
@@ -302,5 +301,4 @@ def probe_ssl(ssl_dir: str | Path = "outputs/ssl", data_root: str | Path = "outp
     for d in table:
         for k in ("trained", "random", "majority", "input", "diff_lo", "diff_hi"):
             if k in d: m[f"probe/{d['label']}/{k}"] = round(float(d[k]), 4)
-    m["probe/seconds"] = round(time.perf_counter() - t0, 1)
     return m

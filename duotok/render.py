@@ -457,8 +457,10 @@ def varied_score(song: Song, v: Variation) -> tuple[list[Syllable], list[tuple[f
     return syl, notes, (float(dur) / f if dur else max(n[1] for n in notes)) + TAIL_S
 
 def render_song(song: Song, out_dir: Path, settings: RenderSettings = RenderSettings()) -> dict:
-    "Render (recipe) or pass through (stems) one song with its variation into `out_dir`; returns its `render.json` record."
-    t0 = time.time(); v = settings.variation
+    """Render (recipe) or pass through (stems) one song with its variation into `out_dir`; returns its `render.json`
+    record: results only, no render time (the record goes into `index.json`, a DVC output, and is reused from the
+    render cache; `render_corpus` prints each song's time)."""
+    v = settings.variation
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     rec = song.meta.get("recipe", {}) if song.kind == "recipe" else {}
     f0, notes, syllables = None, [], song.syllables
@@ -488,8 +490,7 @@ def render_song(song: Song, out_dir: Path, settings: RenderSettings = RenderSett
                   language=song.language, split=song.split, tags=song.meta.get("tags", []),
                   instrumental=song.instrumental, acc_separated=song.acc_separated, sample_rate=SR,
                   duration_s=n / SR, stem_rms={s: _rms(q[s]) for s in STEMS},
-                  mix_dbfs=round(20 * np.log10(max(_rms(q["mix"]), 1e-12)), 2), variation=v.to_json(), f0=f0,
-                  render_s=round(time.time() - t0, 3))
+                  mix_dbfs=round(20 * np.log10(max(_rms(q["mix"]), 1e-12)), 2), variation=v.to_json(), f0=f0)
     atomic_write_json(out_dir / "render.json", record)
     return record
 
@@ -507,12 +508,14 @@ def is_current(song: Song, out_dir: Path, settings: RenderSettings) -> dict | No
 
 # %% ../nbs/11_render.ipynb #64100957
 def _work(args):
+    "(song id, record or None, error or None, seconds spent): the seconds go to the log line only."
     song, out_dir, settings = args
+    t0 = time.time()
     try:
         import torch; torch.set_num_threads(1)
-        return song.id, render_song(song, out_dir, settings), None
+        return song.id, render_song(song, out_dir, settings), None, time.time() - t0
     except Exception as e:
-        return song.id, None, f"render failed: {type(e).__name__}: {e}"
+        return song.id, None, f"render failed: {type(e).__name__}: {e}", time.time() - t0
 
 def _materialise(src: Path, dst: Path) -> None:
     "Make `dst` hold the files of `src` (hard links; copies across file systems)."
@@ -550,7 +553,7 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
     into `out_root`; a song whose hash (inputs + variation) matches its cached render is not rendered again."""
     import shutil
     global SYLLABLE_CACHE
-    t0 = time.time(); out_root = Path(out_root)
+    out_root = Path(out_root)
     cache = Path(cache_root) if cache_root is not None else out_root.parent / ".render_cache"
     rep = validate_corpus(songs_dir, deep=True, max_songs=max_songs)
     if not rep.songs:                                     # refuse before anything under out_root is touched
@@ -582,6 +585,8 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
         vcfg = shift.variety if pool == "shift" else variety
         st = RenderSettings(draw_variation(s, vcfg, seed, pool) if vcfg is not None else Variation(), f0_tolerance_cents, s.id in checked)
         cached = is_current(s, cache / "songs" / s.id, st)
+        if cached is not None and "render_s" in cached:   # a render of an older version: its time out of the record
+            cached.pop("render_s"); atomic_write_json(cache / "songs" / s.id / "render.json", cached)
         if cached is not None: records[s.id] = cached
         else: todo.append((s, cache / "songs" / s.id, st))
     log(f"[render] {len(songs)} songs valid ({len(rejected)} rejected), {len(records)} up to date, {len(todo)} to render "
@@ -591,13 +596,13 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
         ctx = get_context("fork")
         pool = ctx.Pool(workers) if workers > 1 and len(todo) > 1 else None
         it = pool.imap_unordered(_work, todo) if pool else map(_work, todo)
-        for sid, rec, err in it:
+        for sid, rec, err, secs in it:
             done += 1
             if err: rejected[sid] = [err]; log(f"[render] {done}/{len(todo)} {sid}: {err}")
             else:
                 records[sid] = rec; n_ok += 1
                 f0 = rec["f0"]
-                log(f"[render] {done}/{len(todo)} {sid} {rec['duration_s']:.1f} s in {rec['render_s']:.1f} s"
+                log(f"[render] {done}/{len(todo)} {sid} {rec['duration_s']:.1f} s in {secs:.1f} s"
                     + (f" | F0 {f0['n_pass']}/{f0['n_voiced']} notes within {f0_tolerance_cents:g} cents" if f0 else ""))
         if pool: pool.close(); pool.join()
     for d in (out_root / "songs").iterdir():              # outputs hold exactly this run's songs
@@ -622,11 +627,11 @@ def render_corpus(songs_dir: str | os.PathLike, out_root: str | os.PathLike = "o
     atomic_write_json(out_root / "rejected.json", rejected)
     atomic_write_json(out_root / "report.json", report)
     hours = sum(r["duration_s"] for r in main) / 3600
-    nan = float("nan")
     metrics = dict(songs=len(main), rendered=n_ok, cached=len(recs) - n_ok, rejected=len(rejected), hours=round(hours, 4),
                    recipes=sum(r["kind"] == "recipe" for r in main), audio_songs=sum(r["kind"] == "stems" for r in main),
-                   f0_pass_rate=f0m["pass_rate"] if f0m["pass_rate"] is not None else nan, f0_voiced_notes=f0m["voiced_notes"],
-                   render_wall_s=round(time.time() - t0, 2))
+                   # no pass rate (not NaN, which is not JSON) when no recipe was checked (f0_check_songs 0, audio corpora)
+                   **({"f0_pass_rate": f0m["pass_rate"]} if f0m["pass_rate"] is not None else {}),
+                   f0_voiced_notes=f0m["voiced_notes"])
     if sh: metrics.update(shift_songs=len(sh), shift_minutes=round(sum(r["duration_s"] for r in sh) / 60, 3))
     if f0s["voiced_notes"]: metrics.update(shift_f0_pass_rate=f0s["pass_rate"], shift_f0_voiced_notes=f0s["voiced_notes"])
     log(f"[render] {metrics['songs']} songs ({hours * 60:.1f} min) + {len(sh)} shift songs ({sum(r['duration_s'] for r in sh) / 60:.1f} min), "

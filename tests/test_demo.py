@@ -23,8 +23,8 @@ def proj(tmp_path_factory):
     (p / "outputs/preprocess").mkdir(parents=True)
     (p / "outputs/preprocess/manifest.json").write_text(json.dumps({"splits": {"test": {"songs": ["song-b", "song-a"]}}}))
     (p / "outputs/preprocess/metrics.json").write_text(json.dumps({"songs": 2, "hours": 0.01, "languages/en": 2}))
-    (p / "outputs/vae").mkdir()
-    (p / "outputs/vae/metrics.json").write_text(json.dumps({"train_s": 12.5}))
+    (p / "outputs/.runs").mkdir()                         # durations: the run record, not the stage's metrics.json
+    (p / "outputs/.runs/vae.json").write_text(json.dumps({"stage": "vae", "timings": {"train_s": 12.5, "wall_s": 20.0}}))
     (p / "eval").mkdir()
     (p / "eval/metrics.json").write_text(json.dumps({"kbps": 0.2, "recon/vocals/rpa": 0.07, "pitch/vae/rpa": 0.7}))
     (p / "dvc.lock").write_text("schema: '2.0'\nstages:\n  vae:\n    params:\n      params.yaml:\n        vae.train:\n"
@@ -53,7 +53,8 @@ def test_pretrained_folder(pretrained, proj):
             "example/song-a/vocals.flac", "example/song-a/accompaniment.flac"} <= set(files)   # first test song, sorted
     assert sf.info(pretrained / "example/song-a/vocals.flac").duration == pytest.approx(2.0, abs=1e-3)
     card = files["MODEL_CARD.md"].decode()
-    assert "| vae | 7 | 2 | 0.01 | 12 | `feed.dir` |" in card                     # budget from dvc.lock + metrics.json
+    assert "| vae | 7 | 2 | 0.01 | 12 | `feed.dir` |" in card                     # budget from dvc.lock + the run record
+    assert "| decoder | " in card and "| n/a | `n/a` |" in card                    # no run record, no lock entry: n/a
     assert "raw pitch accuracy of decoded vocals 0.07 while the VAE alone keeps 0.70" in card
     assert (pretrained.parent / "default.md").read_bytes() == files["MODEL_CARD.md"]
     assert DuoTok.from_pretrained(pretrained).codebook_sizes == DuoTok.from_pretrained(

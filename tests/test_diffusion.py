@@ -169,8 +169,10 @@ def test_decoder_stage_toy_and_package(tmp_path):
     p = load_params(ROOT / "params.yaml", ["decoder.train.steps=4", "decoder.train.batch_size=4", "decoder.train.log_every=2",
                                     "decoder.width=32", "decoder.layers=1", "decoder.sampling_steps=2",
                                     "decoder.val_segments=2", "decoder.chunk_s=1.0"])
-    m = run(p, NullTracker(), pre_dir=tmp_path, vae_dir=tmp_path / "vae", out_dir=tmp_path / "dec", datasets=data,
+    tracker = NullTracker()
+    m = run(p, tracker, pre_dir=tmp_path, vae_dir=tmp_path / "vae", out_dir=tmp_path / "dec", datasets=data,
             package_to=None)
+    assert set(tracker.timings) == {"train_s", "val_s"} and not [k for k in m if k.endswith("_s")]   # durations: the run record
     for tr in ("vocals", "acc", "mix"):
         for name in ("decoded", "vae", "silence", "meanspec"):
             assert np.isfinite(m[f"val/{tr}/mel_l1/{name}"])

@@ -49,6 +49,10 @@ def test_evaluate_writes_metrics_table_plots(toy_root):
     assert not (root / "outputs/evaluate/.resume").exists()
     logged = {k for _, m in tracker.metrics for k in m}
     assert set(res) <= logged  # same keys in MLflow
+    # durations are run metadata: the tracker's timings (run record, MLflow time/...), not eval/metrics.json
+    assert {"lm/dual/train_s", "lm/v2a/train_s", "lm_s", "recon/encode_s", "recon/decode_s", "recon_s", "stability_s",
+            "evaluate_s"} <= set(tracker.timings), tracker.timings
+    assert not [k for k in res if k.endswith("_s")]
 
 
 def test_evaluate_acceptance_on_structured_tokens(toy_root):

@@ -3,6 +3,7 @@ lyric timing against the vocal's onsets, caching, rejection of bad songs; render
 parameter in the cache key, held-out pools only for the shift split), accompaniment-only songs."""
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ def test_musdb_folder_passes_through_and_caches(tmp_path):
     out = tmp_path / "render"
     m = render_corpus(root, out, workers=1, log=lambda *_: None)
     assert m["songs"] == 2 and m["rendered"] == 2 and m["rejected"] == 1
+    assert "f0_pass_rate" not in m and all(math.isfinite(v) for v in m.values() if isinstance(v, float))  # no recipe: no rate, no NaN
     rej = json.loads((out / "rejected.json").read_text())
     assert "6 channels" in rej["train__bad"][0]
     for sid in ("train__A", "test__B"):
@@ -62,9 +64,13 @@ def test_musdb_folder_passes_through_and_caches(tmp_path):
             assert i.samplerate == SR and i.channels == 1 and abs(i.frames - 3 * SR) <= 1
     idx = json.loads((out / "index.json").read_text())
     assert {s["id"]: s["split"] for s in idx["songs"]} == {"test__B": "test", "train__A": "train"}
+    first = {f: (out / f).read_bytes() for f in ("index.json", "songs/train__A/render.json", "songs/test__B/render.json")}
     import shutil; shutil.rmtree(out)                                           # as DVC does before a run
+    old = tmp_path / ".render_cache/songs/train__A/render.json"                # a cached record of an older version,
+    old.write_text(json.dumps({**json.loads(old.read_text()), "render_s": 1.5}))   # with its render time
     m2 = render_corpus(root, out, workers=1, log=lambda *_: None)               # nothing changed
     assert m2["rendered"] == 0 and m2["cached"] == 2 and (out / "songs" / "train__A" / "mix.flac").exists()
+    assert {f: (out / f).read_bytes() for f in first} == first                 # no run metadata: the same bytes
     make_stems(root / "train" / "A", sr=44100, seed=5)                          # changed stems -> re-render
     assert render_corpus(root, out, workers=1, log=lambda *_: None)["rendered"] == 1
 

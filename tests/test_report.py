@@ -45,7 +45,8 @@ def rendered(tmp_path_factory):
     for stage in ORDER_LOGGED:                                 # logged in this order: MLflow lists the last first
         with start_run(stage, root=root) as t:
             if stage == "pre_encode":
-                t.log_metrics({"train/tokenize_s": 1.0}, step=0)   # one point: no curve, no panel
+                t.log_metrics({"train/n": 3.0}, step=0)            # what pre_encode logs: one point, no curve,
+                t.log_time("train/tokenize_s", 1.0)                 # and a duration (time/...): no panel
             else:
                 for s in range(3):
                     t.log_metrics({"train/loss": 1.0 / (s + 1), "train/steps_per_s": 5.0}, step=s)

@@ -131,8 +131,10 @@ def test_vae_stage_toy(tmp_path):
     items[0]["silent_vocals"] = True
     assert len(StemCrops(items, 4800)) == 5
     p = load_params(ROOT / "params.yaml", ["vae.train.steps=2", "vae.train.log_every=1", "vae.val_segments=1"])
-    m = run(p, NullTracker(), out_dir=tmp_path, datasets=(items, synthetic_stems(2, 1.0, seed=1)))
+    tracker = NullTracker()
+    m = run(p, tracker, out_dir=tmp_path, datasets=(items, synthetic_stems(2, 1.0, seed=1)))
     assert m["val/vocals/n"] == 1 and m["val/acc/n"] == 1
+    assert set(tracker.timings) == {"train_s", "val_s"} and not [k for k in m if k.endswith("_s")]   # durations: the run record
     assert np.isfinite(m["val/vocals/mel_l1"]) and np.isfinite(m["val/acc/si_sdr"])
     assert (tmp_path / "vae.safetensors").exists() and load_vae(tmp_path).latent_dim == p.vae.latent_dim
 

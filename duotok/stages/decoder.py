@@ -51,7 +51,8 @@ def run(params: Params, tracker, pre_dir: str | Path = "outputs/pre_encode", roo
     res = fit(FlowMatchingObjective(model, sched, cfg.cond_dropout), objective_loss, loader, t, out, tracker,
               dict(cfg.lambdas), desc="decoder")
     model = freeze(res.model.model)
-    metrics = {**{f"train/{k}": v for k, v in res.train_metrics.items()}, "train_s": round(time.time() - t0, 1)}
+    tracker.log_time("train_s", time.time() - t0)           # durations: the run record, not metrics.json
+    metrics = {f"train/{k}": v for k, v in res.train_metrics.items()}
 
     def finish() -> dict:                                   # rank 0: checkpoint, val decoding vs baselines, package
         config = checkpoint_config("decoder", cfg, audio, latent_dim=man["latent_dim"], codebook_sizes=man["codebook_sizes"],
@@ -64,7 +65,7 @@ def run(params: Params, tracker, pre_dir: str | Path = "outputs/pre_encode", roo
         vtoks, vlat = load_pre_encoded(pre_dir, "val")
         m = {**metrics, **score_decoder(TokenDecoder.from_config(model, load_vae(vae_dir), config), vtoks, vlat,
                                         items["val"], items["train"], cfg.val_segments)}
-        m["val_s"] = round(time.time() - t1, 1)
+        tracker.log_time("val_s", time.time() - t1)
         tracker.log_metrics({k: v for k, v in m.items() if k.startswith("val/")}, step=res.step)
         if package_to is not None:
             dest = out / "package" if package_to == "default" else Path(package_to)

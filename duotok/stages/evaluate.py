@@ -44,19 +44,19 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
     test_split = "test" if (Path(pre_root) / "tokens_test.npz").exists() else "val"
     test = E.load_token_split(pre_root, test_split)
     V, prompt = train.codebook_sizes, E.prompt_tokens(int(train.lengths.max()), ecfg.prompt_s, train.token_rate)
-    models, lm_s = {}, {}
+    models = {}
     for proto in L.PROTOCOLS:                               # every rank trains both LMs (duotok lm train's code)
         t1 = time.time()
         models[proto], _ = L.train_lm(train, proto, ecfg.lm, lt, out / f"lm_{proto}", E.Prefixed(tracker, f"lm_{proto}/"),
                                       prompt=prompt, progress=False)
-        lm_s[f"lm/{proto}/train_s"] = round(time.time() - t1, 1)
+        tracker.log_time(f"lm/{proto}/train_s", time.time() - t1)   # durations: the run record, not metrics.json
 
     def finish() -> dict:                                   # rank 0: scores, reconstruction, example, files
         out.mkdir(parents=True, exist_ok=True)
         m, usage = E.token_metrics(train, test)
         np.savez(out / "code_counts.npz", vocals=usage["vocals"].counts, acc=usage["acc"].counts)
-        m.update({**E.lm_metrics(models, train, test, prompt, ecfg.lm.context), **lm_s, "lm_s": round(time.time() - t0, 1),
-                  "lm/train_steps": lt.steps, "sample_rate": sr})
+        m.update({**E.lm_metrics(models, train, test, prompt, ecfg.lm.context), "lm/train_steps": lt.steps, "sample_rate": sr})
+        tracker.log_time("lm_s", time.time() - t0)
         for proto, model in models.items():                 # the LMs are outputs: duotok generate, the generate stage
             L.save_lm(out / "lm", model, proto, context=ecfg.lm.context, prompt=prompt, token_rate=train.token_rate,
                       tokenizer=train.model_id, train_steps=lt.steps)
@@ -78,9 +78,11 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
                 extra.append(f"LM figures on whole test songs not measured: no {test_split} songs under {songs_root} "
                              f"(ids from {prep_root}/manifest.json)" if not srcs else
                              "LM figures on whole test songs not measured: the package's codebooks differ from the tokens'")
-            m["lm/songs_s"] = round(time.time() - t1, 1)
+            tracker.log_time("lm/songs_s", time.time() - t1)
+            t1 = time.time()
             mm, mnotes = E.mix_part(tok, E.load_mix_items(prep_root, test_split))
             m.update(mm); extra += mnotes
+            if mm: tracker.log_time("mix_s", time.time() - t1)
         if ecfg.sampling_steps > 0 and hasattr(type(tok), "decoder"):      # 0 = the package's own sampling steps
             tok.decoder.steps = int(ecfg.sampling_steps)
         t1 = time.time()
@@ -93,12 +95,13 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
                                                       asr=M.load_asr() if ecfg.asr_segments > 0 else None,
                                                       asr_segments=ecfg.asr_segments, vocab=vocab,
                                                       visqol_segments=ecfg.visqol_segments)
+        for k in ("encode_s", "decode_s"): tracker.log_time(f"recon/{k}", rec_m.pop(f"recon/{k}"))
         m.update(rec_m)
         if len(rec_toks["vocals"]) and rec_toks["vocals"].shape[1] == test.n_tokens:
             n = len(rec_toks["vocals"])
             m["recon/token_agreement/vocals"] = float((rec_toks["vocals"] == test.vocals[:n]).mean())
             m["recon/token_agreement/acc"] = float((rec_toks["acc"] == test.accompaniment[:n]).mean())
-        m["recon_s"] = round(time.time() - t1, 1)
+        tracker.log_time("recon_s", time.time() - t1)
         t1, more_notes, srows = time.time(), [], []                         # stability, pitch chain, shift split
         if hasattr(tok, "encoder") and hasattr(tok.encoder, "quantizer"):   # a DuoTok (not a test double)
             if ecfg.pitch_segments > 0:
@@ -112,12 +115,13 @@ def run(params: Params, tracker, pre_root: str | Path = "outputs/pre_encode", pr
             more_notes.append("token stability and the pitch probe need a packaged DuoTok tokenizer; not measured")
         if test_items is None and manifest.get("splits", {}).get("shift", {}).get("n_segments", 0):
             sh, _, _ = E.reconstruction_part(tok, E.load_test_audio(prep_root, "shift", ecfg.max_test_segments), sr)
+            for k in ("encode_s", "decode_s"): tracker.log_time(f"recon_shift/{k}", sh.pop(f"recon/{k}"))
             m.update({k.replace("recon/", "recon_shift/", 1): v for k, v in sh.items()})
-        m["stability_s"] = round(time.time() - t1, 1)
+        tracker.log_time("stability_s", time.time() - t1)
         m.update(E.generate_example(models["v2a"], test, prompt, ecfg.temperature, ecfg.top_k, lt.seed, tok, out))
         notes = E.evaluation_notes(m, ecfg, M.available_metrics(), test_split, vocab) + extra + more_notes
         m = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in m.items()}
-        m["evaluate_s"] = round(time.time() - t0, 1)
+        tracker.log_time("evaluate_s", time.time() - t0)
         clean = {k: v for k, v in m.items() if isinstance(v, float) and math.isfinite(v)}
         atomic_write_json(eval_dir / "metrics.json", clean)
         atomic_write_text(eval_dir / "results.md", E.results_markdown(m, V, train.token_rate, notes) + "\n" + E.stability_markdown(m))

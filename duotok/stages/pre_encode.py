@@ -60,14 +60,16 @@ def run(params: Params, tracker, root: str | Path = "outputs/preprocess", codebo
         if split == "train":
             m, s = latent_stats(lat)
             manifest["latent_mean"], manifest["latent_std"] = m.tolist(), s.tolist()
-        metrics.update({f"{split}/n": len(toks), f"{split}/tokenize_s": round(t_tok, 1),
-                        f"{split}/latents_s": round(time.time() - ts - t_tok, 1)})
+        metrics[f"{split}/n"] = len(toks)
+        tracker.log_time(f"{split}/tokenize_s", t_tok)      # durations: the run record, not metrics.json
+        tracker.log_time(f"{split}/latents_s", time.time() - ts - t_tok)
         print(f"[pre_encode] {split}: {toks!r}, latents {lat.shape}", flush=True)
     if "train" not in manifest["splits"]:
         raise ValueError("pre_encode: no train split found; run preprocess first")
     atomic_write_json(out / "manifest.json", manifest)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
-    return {**metrics, "total_s": round(time.time() - t0, 1)}
+    tracker.log_time("total_s", time.time() - t0)
+    return metrics
 
 # %% ../../nbs/53_stage_pre_encode.ipynb #b8a29b9d
 if is_main(__name__):

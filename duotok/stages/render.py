@@ -3,6 +3,7 @@
 # %% ../../nbs/14_stage_render.ipynb #fdbdf1fd
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..config import Params
@@ -18,13 +19,17 @@ def run(params: Params, tracker) -> dict:
     r = params.render
     if params.audio.sample_rate != 48000:
         raise ValueError(f"audio.sample_rate = {params.audio.sample_rate}: the renderer writes 48 kHz stems")
+    t0 = time.time()
     metrics = render_corpus(r.songs_dir, "outputs/render", workers=r.workers, max_songs=r.max_songs,
                             f0_tolerance_cents=r.f0_tolerance_cents, f0_check_songs=r.f0_check_songs,
                             variety=r.variety, seed=r.seed, shift=r.shift)
+    tracker.log_time("render_s", time.time() - t0)              # a duration: the run record, not metrics.json
     tracker.log_metrics({f"render/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
     for f in ("report.json", "rejected.json"):
         if (Path("outputs/render") / f).exists(): tracker.log_artifact(str(Path("outputs/render") / f))
-    return metrics
+    # songs rendered by this run vs taken from the render cache: the cache's state, not a result (MLflow only; in
+    # metrics.json a re-run with a warm cache would change outputs/render's hash and rerun every later stage)
+    return {k: v for k, v in metrics.items() if k not in ("rendered", "cached")}
 
 
 # %% ../../nbs/14_stage_render.ipynb #2e5b7591

@@ -3,6 +3,7 @@
 # %% ../../nbs/23_stage_ssl.ipynb #0fac8bdc
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..config import Params
@@ -48,8 +49,10 @@ def run(params: Params, tracker, data: dict | None = None, out_dir: str | Path =
         pc = s.probe
         if pc.enabled and from_disk:
             from duotok.probe import probe_ssl                  # probes the checkpoint just written
+            t0 = time.time()
             pm = probe_ssl(out_dir, data_root, layer=None if pc.layer < 0 else pc.layer, seed=t.seed,
                            max_train=pc.max_train, grid=tuple(pc.grid), holdout=pc.holdout)
+            tracker.log_time("probe_s", time.time() - t0)       # a duration: the run record, not metrics.json
             tracker.log_metrics(pm, step=res.step)
             m.update(pm)
         return m

@@ -47,14 +47,14 @@ def run(params: Params, tracker, root: str | Path = "outputs/preprocess", out_di
         res = fit(VAEObjective(vae, dict(cfg.lambdas)), objective_loss, loader, t, out, tracker, dict(cfg.lambdas), desc="vae")
         vae = res.model.vae
         metrics.update({f"train/{k}": v for k, v in res.train_metrics.items()})
-        metrics["train_s"] = round(time.time() - t0, 1)
+        tracker.log_time("train_s", time.time() - t0)       # durations: the run record, not metrics.json
     freeze(vae)
 
     def finish() -> dict:                                   # rank 0: checkpoint and the val reconstruction report
         save_vae(out, vae, cfg, audio)
         t1 = time.time()
         m = {**metrics, **evaluate_vae(vae, val_ds, audio.sample_rate, cfg.val_segments)}
-        m["val_s"] = round(time.time() - t1, 1)
+        tracker.log_time("val_s", time.time() - t1)
         tracker.log_metrics({k: v for k, v in m.items() if k.startswith("val/")}, step=t.steps)
         return m
     return on_rank0(finish)
