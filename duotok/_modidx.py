@@ -363,6 +363,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                'duotok/diffusion.py'),
                                   'duotok.diffusion.TokenDecoder': ('diffusion.html#tokendecoder', 'duotok/diffusion.py'),
                                   'duotok.diffusion.TokenDecoder.__init__': ('diffusion.html#tokendecoder.__init__', 'duotok/diffusion.py'),
+                                  'duotok.diffusion.TokenDecoder.bf16': ('diffusion.html#tokendecoder.bf16', 'duotok/diffusion.py'),
                                   'duotok.diffusion.TokenDecoder.decode': ('diffusion.html#tokendecoder.decode', 'duotok/diffusion.py'),
                                   'duotok.diffusion.TokenDecoder.decode_latents': ( 'diffusion.html#tokendecoder.decode_latents',
                                                                                     'duotok/diffusion.py'),

@@ -182,10 +182,11 @@ def flow_matching_loss(model: LatentDecoder, scheduler, x0: torch.Tensor, ids: t
 @torch.no_grad()
 def sample(model: LatentDecoder, ids: torch.Tensor, track: torch.Tensor, steps: int = 20, guidance_scale: float = 1.5,
            scheduler_config: dict | None = None, generator: torch.Generator | None = None,
-           noise: torch.Tensor | None = None) -> torch.Tensor:
+           noise: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
     """Euler flow-matching sampling: ids (B, T25), track (B,) -> VAE latents (B, C, T25 * upsample)
     (de-normalised). guidance_scale 1 = no CFG (one pass per step), else two passes. The start is `noise`
-    (B, C, T25 * upsample) when given, else drawn from `generator`."""
+    (B, C, T25 * upsample) when given, else drawn from `generator`. `bf16`: the denoiser runs under bf16
+    autocast (as it trained with `mixed_precision: auto` on bf16 hardware); the Euler steps stay fp32."""
     B, T = ids.shape
     dev = ids.device
     sched = make_scheduler(scheduler_config)
@@ -194,14 +195,17 @@ def sample(model: LatentDecoder, ids: torch.Tensor, track: torch.Tensor, steps: 
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"sample: noise {tuple(noise.shape)} does not match the latents {shape}")
     x = (noise if noise is not None else torch.randn(shape, generator=generator)).to(dev)
+    import contextlib
+    cast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for t in sched.timesteps:
         tb = t.expand(B)
         if guidance_scale == 1.0:
-            v = model(x, tb, ids, track)
+            with cast: v = model(x, tb, ids, track).float()
         else:
             drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(dev)
-            vc, vu = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([ids, ids]),
-                           torch.cat([track, track]), drop).chunk(2)
+            with cast:
+                vc, vu = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([ids, ids]),
+                               torch.cat([track, track]), drop).float().chunk(2)
             v = vu + guidance_scale * (vc - vu)
         x = sched.step(v, t, x).prev_sample
     return model.denormalize(x, track)
@@ -234,11 +238,14 @@ class TokenDecoder:
 
     def __init__(self, model: LatentDecoder, vae, scheduler_config: dict | None = None, steps: int = 20,
                  guidance_scale: float = 1.5, chunk_tokens: int = 50, overlap_tokens: int = 10,
-                 token_rate: int = 25, sample_rate: int = 48000, chunk_batch: int = 8):
+                 token_rate: int = 25, sample_rate: int = 48000, chunk_batch: int = 8, precision: str = "auto"):
         self.model, self.vae = model.eval(), vae.eval()
         self.chunk_batch = int(chunk_batch)
         if self.chunk_batch < 1:
             raise ValueError(f"chunk_batch {chunk_batch} must be >= 1")
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+        self.precision = precision
         self.scheduler_config = scheduler_config
         self.steps, self.guidance_scale = steps, guidance_scale
         self.chunk_tokens, self.overlap_tokens = chunk_tokens, overlap_tokens
@@ -291,8 +298,14 @@ class TokenDecoder:
         ids = torch.cat([torch.cat([ids_v[j * b:(j + 1) * b], ids_a[j * b:(j + 1) * b]]) for j in range(len(seeds))])
         track = torch.cat([torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long)]).repeat(len(seeds))
         z = sample(m, ids, track.to(ids.device), self.steps, self.guidance_scale, self.scheduler_config,
-                   noise=noise).unflatten(0, (len(seeds), 2, b))          # (groups, track, b, C, L)
+                   noise=noise, bf16=self.bf16(ids.device)).unflatten(0, (len(seeds), 2, b))  # (groups, track, b, C, L)
         return z[:, 0].flatten(0, 1), z[:, 1].flatten(0, 1)
+
+    def bf16(self, device: torch.device) -> bool:
+        "Whether the denoiser samples under bf16 autocast on `device`: `precision` bf16, or auto on bf16 hardware."
+        if self.precision != "auto": return self.precision == "bf16"
+        from duotok.train import bf16_native
+        return bf16_native(device)
 
     @torch.no_grad()
     def decode(self, ids_v: torch.Tensor, ids_a: torch.Tensor, seed: int = 0,
