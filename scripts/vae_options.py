@@ -36,31 +36,38 @@ def _load_split(root, split):
 
 # name -> (vae config overrides, lambdas overrides, vae_loss keyword arguments)
 OPTIONS: dict[str, tuple[dict, dict, dict]] = {
-    # today's default: free phase learned through the mel loss only
-    "base": ({"arch": "stft"}, {"mel/l1": 1.0, "wave/l1": 0.1, "kl": 1e-4}, {}),
+    # the old default (STFTVAE): free phase learned through the mel loss only (phase set: params.yaml's is `noise`)
+    "base": ({"arch": "stft", "phase": "free"}, {"mel/l1": 1.0, "wave/l1": 0.1, "kl": 1e-4}, {}),
     # the same head with direct STFT losses: log-magnitude, instantaneous frequency, group delay
-    "free+spec": ({"arch": "stft"}, {"mel/l1": 1.0, "stft/mag": 1.0, "stft/if": 1.0, "stft/gd": 1.0, "kl": 1e-4}, {}),
+    "free+spec": ({"arch": "stft", "phase": "free"}, {"mel/l1": 1.0, "stft/mag": 1.0, "stft/if": 1.0, "stft/gd": 1.0, "kl": 1e-4}, {}),
     # phase = running sum of a predicted instantaneous frequency per bin
     "if": ({"arch": "stft", "phase": "if"}, {"mel/l1": 1.0, "stft/mag": 1.0, "stft/if": 1.0, "kl": 1e-4}, {}),
     "if+gd": ({"arch": "stft", "phase": "if"}, {"mel/l1": 1.0, "stft/mag": 1.0, "stft/if": 1.0, "stft/gd": 1.0,
                                                 "kl": 1e-4}, {}),
-    # pitch in the latent (YIN F0 + voicing channels), harmonic partials + filtered noise (random phase)
-    "harm": ({"arch": "harmonic", "phase": "noise", "harmonics": 64}, {"mel/l1": 1.0, "kl": 1e-4}, {}),
+    # pitch in the latent (YIN F0 + voicing channels), harmonic partials + filtered noise (random phase) (noise_bands 0: per-bin noise, as these rows were measured)
+    "harm": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": 0}, {"mel/l1": 1.0, "kl": 1e-4}, {}),
     # the same with the native-resolution log-magnitude loss on the summed spectrum
-    "harm+mag": ({"arch": "harmonic", "phase": "noise", "harmonics": 64}, {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4},
+    "harm+mag": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": 0}, {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4},
                  {"mag_floor": 1e-5}),
     # ... with the log-magnitude loss floored at 0.1 (|STFT| of a full-scale sine: 480): the audible part only
-    "harm+mag0.1": ({"arch": "harmonic", "phase": "noise", "harmonics": 64}, {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4},
+    "harm+mag0.1": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": 0}, {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4},
                     {"mag_floor": 0.1}),
     # harm+mag0.1 with the noise branch's magnitude as N linear bands (DDSP's filtered noise; bands64 is the default): it
     # can no longer draw a narrow peak at the corpus's usual singing pitch (issue 24: a 475 Hz lump under high notes)
     **{f"harm+mag0.1+bands{n}": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": n},
                                  {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}) for n in (16, 32, 64, 128)},
+    # the default (harm+mag0.1+bands64) plus the multi-resolution STFT loss (spectral convergence + log-magnitude)
+    "harm+mag0.1+bands64+mr": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": 64},
+                               {"mel/l1": 1.0, "stft/mag": 1.0, "stft/mr": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}),
+    # the default plus the WaveDiscriminator's hinge losses: generator 0.1, feature matching 1.0, discriminator 0.1
+    "harm+mag0.1+bands64+adv": ({"arch": "harmonic", "phase": "noise", "harmonics": 64, "noise_bands": 64},
+                                {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4, "adv/gen": 0.1, "adv/feat": 1.0,
+                                 "adv/disc": 0.1}, {"mag_floor": 0.1}),
     # harmonic partials + the free-phase STFT branch of `base`, with the floored log-magnitude loss
-    "harm+free+mag0.1": ({"arch": "harmonic", "phase": "free", "harmonics": 64},
+    "harm+free+mag0.1": ({"arch": "harmonic", "phase": "free", "harmonics": 64, "noise_bands": 0},
                          {"mel/l1": 1.0, "stft/mag": 1.0, "kl": 1e-4}, {"mag_floor": 0.1}),
     # harmonic partials + the free-phase STFT branch of `base`
-    "harm+free": ({"arch": "harmonic", "phase": "free", "harmonics": 64}, {"mel/l1": 1.0, "kl": 1e-4}, {}),
+    "harm+free": ({"arch": "harmonic", "phase": "free", "harmonics": 64, "noise_bands": 0}, {"mel/l1": 1.0, "kl": 1e-4}, {}),
 }
 
 
@@ -160,8 +167,9 @@ def main(argv=None):
         if args.vae_dir:
             from duotok.vae import load_vae
             vae = load_vae(args.vae_dir)
-            stage = json.loads((Path(args.vae_dir) / "metrics.json").read_text()) if (Path(args.vae_dir) / "metrics.json").exists() else {}
-            secs, steps = stage.get("train_s", float("nan")), params.vae.train.steps
+            run = Path(args.vae_dir).parent / ".runs" / "vae.json"       # the stage's run record (durations live there)
+            secs = json.loads(run.read_text()).get("timings", {}).get("train_s", float("nan")) if run.exists() else float("nan")
+            steps = params.vae.train.steps
         else:
             vae, secs, tm = train(name, params, train_ds, steps, out)
         decode = (lambda x, v=vae: v.decode(v.encode(x)))
