@@ -496,12 +496,16 @@ class HarmonicVAE(STFTVAE):
     def _lobe(self, delta: torch.Tensor) -> torch.Tensor:
         """The analysis window's spectrum W(delta) / W(0) at `delta` bins from a partial (real: the Hann window is
         symmetric about the frame centre); |delta| < 3 covers the main lobe and the first side lobes."""
-        n = torch.arange(self.n_fft, device=delta.device, dtype=torch.float64) - self.n_fft / 2
-        w = self.window.to(torch.float64)
-        grid = torch.linspace(-3, 3, 6 * 64 + 1, device=delta.device, dtype=torch.float64)
-        table = (w[None] * torch.cos(2 * math.pi * grid[:, None] * n[None] / self.n_fft)).sum(1) / w.sum()
+        key = (str(delta.device), self.n_fft)                # the table depends only on the window: computed once
+        cache = self.__dict__.setdefault("_lobe_tables", {})
+        if key not in cache:
+            n = torch.arange(self.n_fft, device=delta.device, dtype=torch.float64) - self.n_fft / 2
+            w = self.window.to(delta.device, torch.float64)
+            grid = torch.linspace(-3, 3, 6 * 64 + 1, device=delta.device, dtype=torch.float64)
+            cache[key] = (w[None] * torch.cos(2 * math.pi * grid[:, None] * n[None] / self.n_fft)).sum(1) / w.sum()
+        table, grid_len = cache[key], 6 * 64 + 1
         x = ((delta.clamp(-3, 3) + 3) * 64).to(torch.float64)
-        i0 = x.floor().long().clamp(max=len(grid) - 2)
+        i0 = x.floor().long().clamp(max=grid_len - 2)
         return (table[i0] + (x - i0) * (table[i0 + 1] - table[i0])).to(delta.dtype)
 
     def harmonic_spectrum(self, f0: torch.Tensor, phase: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
@@ -516,7 +520,7 @@ class HarmonicVAE(STFTVAE):
         j = pos.floor().long()[..., None] + torch.arange(-2, 4, device=mag.device)  # (B, K, frames, 6)
         val = (mag * (pos < nb - 4))[..., None] * self._lobe(pos[..., None] - j)
         val = val * (1 - 2 * (j % 2)).to(val)  # (-1)^j
-        ang = (k * phase[:, None])[..., None].expand_as(val)
+        ang = (k * phase[:, None])[..., None]                 # (B, K, frames, 1): one cos / sin per partial and frame
         ok = (j >= 0) & (j < nb)
         idx = rearrange(j.clamp(0, nb - 1), "b k t o -> b t (k o)")
         re = rearrange(val * torch.cos(ang) * ok, "b k t o -> b t (k o)")
