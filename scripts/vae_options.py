@@ -105,7 +105,7 @@ def spectrogram_png(path: Path, ref: torch.Tensor, est: torch.Tensor, sr: int, t
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for ax, w, t in zip(axes, (ref, est), ("original", title)):
         S = librosa.amplitude_to_db(np.abs(librosa.stft(w.numpy(), n_fft=4096, hop_length=480)), ref=1.0, top_db=80)
-        librosa.display.specshow(S, sr=sr, hop_length=480, x_axis="time", y_axis="log", ax=ax)
+        librosa.display.specshow(S, sr=sr, hop_length=480, x_axis="time", y_axis="log", ax=ax, cmap="magma")
         ax.set_ylim(50, 8000)
         ax.set_title(t)
     fig.tight_layout()
