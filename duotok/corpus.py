@@ -705,7 +705,8 @@ def generate_corpus(out: str | os.PathLike, n_songs: int = 160, seed: int = 0,
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     n_ch = int(round(shares[0] * n_songs)); n_fo = int(round(shares[1] * n_songs)); n_po = n_songs - n_ch - n_fo
     chorales = _ordered(sorted(str(p) for p in corpus.getComposer("bach") if str(p).endswith((".mxl", ".xml", ".musicxml"))), seed)
-    folk_files = sorted(str(p) for p in (Path(corpus.__file__).parent / "essenFolksong").glob("*.abc"))
+    # music21's own listing (resolved paths, as getComposer's): corpus.parse refuses a path through a symlinked venv
+    folk_files = sorted(str(p) for p in corpus.getCorePaths() if p.parent.name == "essenFolksong" and p.suffix == ".abc")
     folk = _ordered([(f, n) for f in folk_files for n in range(1, 41)], seed)
     ids, ci, fi = [], 0, 0
     for kind, count in (("chorale", n_ch), ("folk", n_fo), ("pop", n_po)):
