@@ -61,8 +61,9 @@ HEADLINE = [
 
 def stage_budget(lock: dict, params: dict, outputs: str | Path = "outputs") -> list[dict]:
     """One row per trained stage: steps, batch size, learning rate (from `dvc.lock`'s params of the stage, else
-    `params.yaml`), wall time `train_s` (the `timings` of the stage's run record `outputs/.runs/<stage>.json`: a
-    duration is run metadata, not in the stage's DVC outputs; None when not recorded) and the md5 of its output in
+    `params.yaml`), wall times `train_s` (the training loop, where the stage records it) and `wall_s` (the whole
+    stage) from the `timings` of the stage's run record `outputs/.runs/<stage>.json` (a duration is run metadata,
+    not in the stage's DVC outputs; None when not recorded) and the md5 of its output in
     `dvc.lock`."""
     rows = []
     for st in TRAINED:
@@ -73,7 +74,7 @@ def stage_budget(lock: dict, params: dict, outputs: str | Path = "outputs") -> l
         timings = _json(Path(outputs) / ".runs" / f"{st}.json").get("timings") or {}
         outs = {o["path"]: o.get("md5") for o in s.get("outs", [])}
         rows.append(dict(stage=st, steps=train.get("steps"), batch_size=train.get("batch_size"), lr=train.get("lr"),
-                         train_s=timings.get("train_s"), md5=outs.get(f"outputs/{st}")))
+                         train_s=timings.get("train_s"), wall_s=timings.get("wall_s"), md5=outs.get(f"outputs/{st}")))
     return rows
 
 
@@ -109,11 +110,11 @@ def model_card(tokenizer: dict, corpus: dict, budget: list[dict], metrics: dict,
               f"- languages (songs): {langs}", ""]
     else:
         L += ["(no corpus summary found: outputs/preprocess/metrics.json)", ""]
-    L += ["## Training budget", "", "Settings from `dvc.lock` (what the run used); wall time from the stage's run record (`outputs/.runs/<stage>.json`) where it records one.", "",
-          "| stage | steps | batch | lr | training wall time (s) | output md5 (dvc.lock) |", "|---|---|---|---|---|---|"]
+    L += ["## Training budget", "", "Settings from `dvc.lock` (what the run used); wall time from the stage's run record (`outputs/.runs/<stage>.json`) where it records one: the training loop alone (ssl, finetune and codebook record only the whole stage) and the whole stage.", "",
+          "| stage | steps | batch | lr | training loop (s) | whole stage (s) | output md5 (dvc.lock) |", "|---|---|---|---|---|---|---|"]
     for r in budget:
         L.append(f"| {r['stage']} | {_fmt(r['steps'])} | {_fmt(r['batch_size'])} | {_fmt(r['lr'])} | "
-                 f"{_fmt(r['train_s'], '{:.0f}')} | `{_fmt(r['md5'])}` |")
+                 f"{_fmt(r['train_s'], '{:.0f}')} | {_fmt(r.get('wall_s'), '{:.0f}')} | `{_fmt(r['md5'])}` |")
     L += ["", "## Headline metrics (test split, `eval/metrics.json`)", "", "| metric | value |", "|---|---|"]
     for key, label, f in HEADLINE:
         if metrics.get(key) is not None: L.append(f"| {label} (`{key}`) | {f.format(metrics[key])} |")

@@ -53,8 +53,8 @@ def test_pretrained_folder(pretrained, proj):
             "example/song-a/vocals.flac", "example/song-a/accompaniment.flac"} <= set(files)   # first test song, sorted
     assert sf.info(pretrained / "example/song-a/vocals.flac").duration == pytest.approx(2.0, abs=1e-3)
     card = files["MODEL_CARD.md"].decode()
-    assert "| vae | 7 | 2 | 0.01 | 12 | `feed.dir` |" in card                     # budget from dvc.lock + the run record
-    assert "| decoder | " in card and "| n/a | `n/a` |" in card                    # no run record, no lock entry: n/a
+    assert "| vae | 7 | 2 | 0.01 | 12 | 20 | `feed.dir` |" in card                # budget from dvc.lock + the run record
+    assert "| decoder | " in card and "| n/a | n/a | `n/a` |" in card              # no run record, no lock entry: n/a
     assert "raw pitch accuracy of decoded vocals 0.07 while the VAE alone keeps 0.70" in card
     assert (pretrained.parent / "default.md").read_bytes() == files["MODEL_CARD.md"]
     assert DuoTok.from_pretrained(pretrained).codebook_sizes == DuoTok.from_pretrained(
