@@ -10,7 +10,9 @@ of its original (no leakage). Each corpus then goes through `preprocess` and one
 slots of the train songs, or over the pre-encoded grid) of every training stage, each as its own
 `python -m duotok.stages.<name>` process in a scratch project: ssl, finetune, codebook (4 s crops, batch 8), vae
 (2 s single-track crops: the default's 0.5 s would need 4x the steps for the same audio), pre_encode (every grid
-segment of every split) and decoder (batch 16). Models are toy-sized (encoder width 32, 2 layers; VAE width 16; DiT
+segment of every split) and decoder (batch 16); `--fraction vae=0.2` (the default) runs a fifth of the scaled corpus's VAE epoch
+(the toy VAE's step is its losses at 48 kHz, ~1 s, so the whole 20x epoch would take ~80 min on one core): still
+4x the audio of the default's whole epoch, and per-hour figures count the audio that fraction stands for. Models are toy-sized (encoder width 32, 2 layers; VAE width 16; DiT
 width 32) so the loop measures the data path, not the models; `data.augment` is as in params.yaml.
 
 Printed per corpus and stage: CPU seconds per audio hour of the epoch loop (each training stage runs twice, for 1
@@ -111,7 +113,9 @@ def steps_per_s(proj: Path, stage: str) -> float | None:
     return float(h.sort_values("step")["value"].iloc[-1]) if len(h) else None
 
 
-def simulate(name: str, render: Path, scratch: Path, log=print) -> dict:
+def simulate(name: str, render: Path, scratch: Path, log=print, fraction: dict | None = None) -> dict:
+    "Preprocess + one epoch per training stage on render output `render`; `fraction` {stage: f} runs f of that epoch."
+    fraction = fraction or {}
     proj = scratch / name
     if (proj / "outputs").exists(): shutil.rmtree(proj / "outputs")
     (proj / "outputs").mkdir(parents=True, exist_ok=True)
@@ -135,7 +139,7 @@ def simulate(name: str, render: Path, scratch: Path, log=print) -> dict:
             r = run_stage(proj, stage, list(TOY), log)
             r["s_per_audio_hour"], r["cpu_s_per_audio_hour"] = r["wall_s"] / hours, r["cpu_s"] / hours
             res[stage] = r; continue
-        b = TRAIN[stage]; steps = max(2, math.ceil(epochs[stage] / b))
+        b = TRAIN[stage]; frac = fraction.get(stage, 1.0); steps = max(2, math.ceil(epochs[stage] * frac / b))
         runs = {}
         for n in (1, steps):                       # the same stage for 1 step and for the epoch: the difference is the loop
             sets = list(TOY) + [f"{stage}.train.{k}={v}" for k, v in dict(steps=n, batch_size=b, val_every=0, ckpt_every=0,
@@ -143,9 +147,10 @@ def simulate(name: str, render: Path, scratch: Path, log=print) -> dict:
             runs[n] = run_stage(proj, stage, sets, log)
         r = runs[steps]; sps = steps_per_s(proj, stage)
         loop_cpu = (r["cpu_s"] - runs[1]["cpu_s"]) * steps / (steps - 1)
-        r.update(steps=steps, items=epochs[stage], epoch_s=steps / sps if sps else None, epoch_cpu_s=loop_cpu,
-                 fixed_cpu_s=runs[1]["cpu_s"], s_per_audio_hour=steps / sps / hours if sps else None,
-                 cpu_s_per_audio_hour=loop_cpu / hours)
+        seen = hours * frac                        # the audio hours of the corpus the (partial) epoch stands for
+        r.update(steps=steps, items=epochs[stage], fraction=frac, epoch_s=steps / sps if sps else None, epoch_cpu_s=loop_cpu,
+                 fixed_cpu_s=runs[1]["cpu_s"], s_per_audio_hour=steps / sps / seen if sps else None,
+                 cpu_s_per_audio_hour=loop_cpu / seen)
         res[stage] = r
     res["preprocess"]["s_per_audio_hour"] = res["preprocess"]["wall_s"] / hours
     res["preprocess"]["cpu_s_per_audio_hour"] = res["preprocess"]["cpu_s"] / hours
@@ -166,7 +171,8 @@ def table(results: dict) -> str:
         for n in names:
             r = results[n][st]
             cells += [f(r.get("cpu_s_per_audio_hour")), f(r.get("s_per_audio_hour")), f(r["peak_rss_mb"])]
-        row = f"| {st} | " + " | ".join(cells)
+        fr = sorted({results[n][st].get("fraction", 1.0) for n in names} - {1.0})
+        row = f"| {st}{' (' + ', '.join(f'{x:g}' for x in fr) + ' of the epoch)' if fr else ''} | " + " | ".join(cells)
         if two:
             a, b = (results[n][st] for n in names)
             row += f" | {f(b['cpu_s_per_audio_hour'] / a['cpu_s_per_audio_hour'], 2)} | {f(b['peak_rss_mb'] / a['peak_rss_mb'], 2)}"
@@ -185,6 +191,9 @@ def main():
     ap.add_argument("--skip-build", action="store_true", help="reuse <scratch>/x<factor>/render")
     ap.add_argument("--only", choices=["default", "scaled", "build"], default=None, help="one corpus, or only build the scaled one")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--fraction", nargs="*", default=["vae=0.2"], metavar="STAGE=F",
+                    help="run F of the epoch of STAGE on the scaled corpus (per-hour figures count the audio F stands "
+                         "for); default vae=0.2: the VAE's full 20x epoch is ~80 min on one core")
     a = ap.parse_args()
     scratch = Path(a.scratch); scratch.mkdir(parents=True, exist_ok=True)
     big = scratch / f"x{a.factor}" / "render"
@@ -200,7 +209,8 @@ def main():
     runs = {"default": Path(a.render), f"x{a.factor}": big}
     for name, render in runs.items():
         if a.only == "default" and name != "default" or a.only == "scaled" and name == "default": continue
-        results[name] = simulate(name, render, scratch, log=lambda m: print(m, flush=True))
+        frac = {k: float(v) for k, v in (f.split("=") for f in a.fraction)} if name != "default" else {}
+        results[name] = simulate(name, render, scratch, log=lambda m: print(m, flush=True), fraction=frac)
         results[name]["source_gb"] = sum(f.stat().st_size for f in render.rglob("*.flac")) / 1e9
         out.write_text(json.dumps(results, indent=1))
     print(table({k: results[k] for k in runs if k in results}))
