@@ -19,8 +19,10 @@ Printed per corpus and stage: CPU seconds per audio hour of the epoch loop (each
 step and for the epoch; the difference of their CPU times (GNU time, user + sys) is the loop, robust to other load
 on the machine), wall seconds per audio hour of the loop (steps / the final `train/steps_per_s` logged to MLflow),
 and peak RSS of the epoch run (the stage process and its children); pre_encode and preprocess: the whole stage; for
-preprocess also the index size per audio hour. Results are also
-written to `<scratch>/results.json`."""
+preprocess also the index size per audio hour. Then (`--eval-cap 48`) finetune and codebook run 1 step on each
+corpus with `data.max_eval_segments=48`: both hold their evaluation sets in memory, which grow with the corpus up to
+`data.max_eval_segments` (512) and then stop; with equal caps, what is left is what grows with the corpus itself
+(`--cap-only` runs just this in projects already simulated). Results are also written to `<scratch>/results.json`."""
 from __future__ import annotations
 
 import argparse
@@ -157,6 +159,19 @@ def simulate(name: str, render: Path, scratch: Path, log=print, fraction: dict |
     return res
 
 
+def capped_rss(proj: Path, cap: int, log=print) -> dict:
+    """Peak RSS (MB) of finetune and codebook for 1 step with `data.max_eval_segments=cap` in a simulated project.
+    Both stages keep their evaluation sets in memory (finetune: features for k-means and the lyric bias; codebook:
+    the cached lower-layer features); those sets grow with the corpus up to `data.max_eval_segments` (512) and then
+    stop. With the same cap on both corpora, what is left is what grows with the corpus itself."""
+    out = {"cap": cap}
+    for stage in ("finetune", "codebook"):
+        sets = list(TOY) + [f"data.max_eval_segments={cap}"] + [f"{stage}.train.{k}={v}" for k, v in dict(
+            steps=1, batch_size=TRAIN[stage], val_every=0, ckpt_every=0, log_every=1, warmup_steps=1).items()]
+        out[stage] = run_stage(proj, stage, sets, log)["peak_rss_mb"]
+    return out
+
+
 def table(results: dict) -> str:
     "Markdown table: per stage and corpus, CPU and wall seconds per audio hour of the epoch loop, peak RSS; ratios."
     names = list(results)
@@ -178,6 +193,12 @@ def table(results: dict) -> str:
             row += f" | {f(b['cpu_s_per_audio_hour'] / a['cpu_s_per_audio_hour'], 2)} | {f(b['peak_rss_mb'] / a['peak_rss_mb'], 2)}"
         lines.append(row + " |")
     lines.append("")
+    caps = [results[n].get("capped") for n in names]
+    if all(caps):
+        lines.append(f"Peak RSS with the evaluation sets capped at {caps[0]['cap']} segments (1 step): " + "; ".join(
+            f"{st} " + " / ".join(f"{c[st]:.0f}" for c in caps) + " MB" + (f" (ratio {caps[1][st] / caps[0][st]:.2f})" if two else "")
+            for st in ("finetune", "codebook")))
+        lines.append("")
     lines.append("Index size: " + ", ".join(f"{n} {results[n]['preprocess']['index_mb']:.2f} MB "
                                              f"({results[n]['preprocess']['mb_per_audio_hour']:.2f} MB per audio hour)" for n in names))
     return "\n".join(lines)
@@ -191,6 +212,9 @@ def main():
     ap.add_argument("--skip-build", action="store_true", help="reuse <scratch>/x<factor>/render")
     ap.add_argument("--only", choices=["default", "scaled", "build"], default=None, help="one corpus, or only build the scaled one")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--eval-cap", type=int, default=48,
+                    help="after the epochs, finetune and codebook for 1 step with data.max_eval_segments=N (0: skip)")
+    ap.add_argument("--cap-only", action="store_true", help="only the --eval-cap runs, in the projects already simulated")
     ap.add_argument("--fraction", nargs="*", default=["vae=0.2"], metavar="STAGE=F",
                     help="run F of the epoch of STAGE on the scaled corpus (per-hour figures count the audio F stands "
                          "for); default vae=0.2: the VAE's full 20x epoch is ~80 min on one core")
@@ -210,8 +234,11 @@ def main():
     for name, render in runs.items():
         if a.only == "default" and name != "default" or a.only == "scaled" and name == "default": continue
         frac = {k: float(v) for k, v in (f.split("=") for f in a.fraction)} if name != "default" else {}
-        results[name] = simulate(name, render, scratch, log=lambda m: print(m, flush=True), fraction=frac)
-        results[name]["source_gb"] = sum(f.stat().st_size for f in render.rglob("*.flac")) / 1e9
+        log = lambda m: print(m, flush=True)
+        if not a.cap_only:
+            results[name] = simulate(name, render, scratch, log=log, fraction=frac)
+            results[name]["source_gb"] = sum(f.stat().st_size for f in render.rglob("*.flac")) / 1e9
+        if a.eval_cap: results[name]["capped"] = capped_rss(scratch / name, a.eval_cap, log)
         out.write_text(json.dumps(results, indent=1))
     print(table({k: results[k] for k in runs if k in results}))
 
