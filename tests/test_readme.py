@@ -78,6 +78,8 @@ CHECK = {
     "duotok encode --model outputs/decoder/package --mix song.wav -o song.npz",
     # the paper profile: an hour on CPU or a GPU
     "make paper", "make test-slow", "python scripts/paper_plan.py", "duotok tokenize",
+    # the scale simulation: about two hours on one core
+    "python bench/scale_sim.py",
     # several processes / nodes / GPUs
     "torchrun --standalone --nproc_per_node=N -m duotok.stages.finetune",
     "accelerate launch --multi_gpu --num_processes N -m duotok.stages.finetune",
