@@ -68,8 +68,8 @@ test: setup
 	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && export NUMBA_CACHE_DIR=$$d PYTHONFAULTHANDLER=1 && \
 	  nbdev-test --n-workers 1 --skip-folder-re '^reports$$' && python -m pytest -q -m "not slow" tests
 
-# The long tests (pytest -m slow): the paper profile trained for 2 steps per stage end to end (~1 h on 2 CPU cores,
-# ~10 GB RAM), the report notebook, ViSQOL.
+# The long tests (pytest -m slow): the paper profile trained for 2 steps per stage end to end (~80 min on one core,
+# ~12 GB RAM, ~10 GB disk), the report notebook, ViSQOL.
 test-slow: setup
 	source $(BIN)/activate && d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && NUMBA_CACHE_DIR=$$d python -m pytest -q -s -m slow tests
 
