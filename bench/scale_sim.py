@@ -10,10 +10,11 @@ of its original (no leakage). Each corpus then goes through `preprocess` and one
 slots of the train songs, or over the pre-encoded grid) of every training stage, each as its own
 `python -m duotok.stages.<name>` process in a scratch project: ssl, finetune, codebook (4 s crops, batch 8), vae
 (2 s single-track crops: the default's 0.5 s would need 4x the steps for the same audio), pre_encode (every grid
-segment of every split) and decoder (batch 16); `--fraction vae=0.2` (the default) runs a fifth of the scaled corpus's VAE epoch
-(the toy VAE's step is its losses at 48 kHz, ~1 s, so the whole 20x epoch would take ~80 min on one core): still
-4x the audio of the default's whole epoch, and per-hour figures count the audio that fraction stands for. Models are toy-sized (encoder width 32, 2 layers; VAE width 16; DiT
-width 32) so the loop measures the data path, not the models; `data.augment` is as in params.yaml.
+segment of every split) and decoder (batch 16); `--fraction vae=0.2` (the default) runs a fifth of the scaled
+corpus's VAE epoch (the toy VAE's step is its losses at 48 kHz, ~1 s, so the whole 20x epoch would take ~80 min on
+one core): still 4x the audio of the default's whole epoch, and per-hour figures count the audio that fraction
+stands for. Models are toy-sized (encoder width 32, 2 layers; VAE width 16; DiT width 32) so the loop measures the
+data path, not the models; `data.augment` is as in params.yaml.
 
 Printed per corpus and stage: CPU seconds per audio hour of the epoch loop (each training stage runs twice, for 1
 step and for the epoch; the difference of their CPU times (GNU time, user + sys) is the loop, robust to other load
@@ -115,6 +116,12 @@ def steps_per_s(proj: Path, stage: str) -> float | None:
     return float(h.sort_values("step")["value"].iloc[-1]) if len(h) else None
 
 
+def train_sets(stage: str, steps: int) -> list[str]:
+    "`--set` overrides of a training stage for `steps` steps at the simulation's batch size, no validation or checkpoints."
+    return [f"{stage}.train.{k}={v}" for k, v in dict(steps=steps, batch_size=TRAIN[stage], val_every=0, ckpt_every=0,
+                                                      log_every=max(1, min(50, steps)), warmup_steps=min(10, steps)).items()]
+
+
 def simulate(name: str, render: Path, scratch: Path, log=print, fraction: dict | None = None) -> dict:
     "Preprocess + one epoch per training stage on render output `render`; `fraction` {stage: f} runs f of that epoch."
     fraction = fraction or {}
@@ -144,9 +151,7 @@ def simulate(name: str, render: Path, scratch: Path, log=print, fraction: dict |
         b = TRAIN[stage]; frac = fraction.get(stage, 1.0); steps = max(2, math.ceil(epochs[stage] * frac / b))
         runs = {}
         for n in (1, steps):                       # the same stage for 1 step and for the epoch: the difference is the loop
-            sets = list(TOY) + [f"{stage}.train.{k}={v}" for k, v in dict(steps=n, batch_size=b, val_every=0, ckpt_every=0,
-                                                                             log_every=max(1, min(50, n)), warmup_steps=min(10, n)).items()]
-            runs[n] = run_stage(proj, stage, sets, log)
+            runs[n] = run_stage(proj, stage, list(TOY) + train_sets(stage, n), log)
         r = runs[steps]; sps = steps_per_s(proj, stage)
         loop_cpu = (r["cpu_s"] - runs[1]["cpu_s"]) * steps / (steps - 1)
         seen = hours * frac                        # the audio hours of the corpus the (partial) epoch stands for
@@ -166,9 +171,8 @@ def capped_rss(proj: Path, cap: int, log=print) -> dict:
     stop. With the same cap on both corpora, what is left is what grows with the corpus itself."""
     out = {"cap": cap}
     for stage in ("finetune", "codebook"):
-        sets = list(TOY) + [f"data.max_eval_segments={cap}"] + [f"{stage}.train.{k}={v}" for k, v in dict(
-            steps=1, batch_size=TRAIN[stage], val_every=0, ckpt_every=0, log_every=1, warmup_steps=1).items()]
-        out[stage] = run_stage(proj, stage, sets, log)["peak_rss_mb"]
+        out[stage] = run_stage(proj, stage, list(TOY) + [f"data.max_eval_segments={cap}"] + train_sets(stage, 1),
+                               log)["peak_rss_mb"]
     return out
 
 
@@ -235,6 +239,8 @@ def main():
         if a.only == "default" and name != "default" or a.only == "scaled" and name == "default": continue
         frac = {k: float(v) for k, v in (f.split("=") for f in a.fraction)} if name != "default" else {}
         log = lambda m: print(m, flush=True)
+        if a.cap_only and name not in results:
+            raise SystemExit(f"--cap-only: no simulation of {name} in {out}; run without --cap-only first")
         if not a.cap_only:
             results[name] = simulate(name, render, scratch, log=log, fraction=frac)
             results[name]["source_gb"] = sum(f.stat().st_size for f in render.rglob("*.flac")) / 1e9
